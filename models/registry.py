@@ -16,8 +16,8 @@ from .base import Architecture, CausalLM, ModelConfig
 _MODULES = [
     ("tokenformer", "ARCH"),
     ("transformer_pp", "ARCH"),
-    # MAMBA_TMP ("mamba", "ARCH"),
-    # MAMBA_TMP ("mamba", "MAMBA2_ARCH"),
+    ("mamba", "ARCH"),
+    ("mamba", "MAMBA2_ARCH"),
     ("gpt2", "ARCH"),
 ]
 

@@ -1,0 +1,242 @@
+"""Run and matrix settings as validated dataclasses.
+
+YAML (or a dict) becomes these dataclasses through :func:`from_dict`, which rejects unknown keys and wrong
+types with the dotted name of the field (``defaults.optim.lr: expected a number, got 'fast'``), so a typo
+never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the field (dotted path) or the file."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "embedded"        # embedded | path/glob of .txt/.jsonl | hf:<dataset>[:<config>]
+    tokenizer: str = "byte"         # byte | gpt2 | neox | path to a tokenizer.json
+    val_fraction: float = 0.05      # of documents, split deterministically by document id
+    text_field: str = "text"        # JSONL / HF field holding the text
+    max_documents: int | None = None
+    cache_dir: str | None = None    # token shards (default ~/.cache/tokenformer-bench or $TFB_CACHE)
+
+
+@dataclass
+class BudgetConfig:
+    """Exactly one of steps, tokens, flops. FLOPs are training FLOPs from the model's flops_per_token."""
+    steps: int | None = None
+    tokens: float | None = None
+    flops: float | None = None
+
+    def validate(self, path: str = "budget"):
+        set_ = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        if len(set_) != 1:
+            raise ConfigError(f"{path}: give exactly one of steps, tokens, flops (got {', '.join(set_) or 'none'})")
+        (k, v), = set_.items()
+        if not v > 0:
+            raise ConfigError(f"{path}.{k}: must be > 0, got {v}")
+
+    def label(self) -> str:
+        for k in ("steps", "tokens", "flops"):
+            v = getattr(self, k)
+            if v is not None:
+                return f"{k}={v:.3g}" if k != "steps" else f"steps={v}"
+        return "none"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW. Weight decay applies to matrices (every parameter with >= 2 dims: linear weights, embeddings,
+    and Pattention key/value parameter tokens, which are the model's projection matrices) and never to
+    norms, biases or parameters a model marks ``_no_weight_decay`` (Mamba's A_log and D).
+    ``decay_pattention_tokens: false`` exempts the parameter tokens too."""
+    lr: float = 3e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_pattention_tokens: bool = True
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warmup, then cosine to ``min_lr_ratio`` of the peak (default), or WSD: warmup, stable, then a
+    linear decay over the last ``decay_fraction`` of training; or constant after warmup."""
+    kind: str = "cosine"            # cosine | wsd | constant
+    warmup_steps: int | None = None
+    warmup_fraction: float = 0.05   # used when warmup_steps is None
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2     # wsd only
+
+    def validate(self, path: str = "schedule"):
+        if self.kind not in ("cosine", "wsd", "constant"):
+            raise ConfigError(f"{path}.kind: {self.kind!r} is not one of cosine, wsd, constant")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"{path}.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tokenformer"
+    preset: str = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    seq_len: int | None = None          # default: the preset's max_seq_len
+    batch_size: int = 16                # global batch, in sequences
+    micro_batch_size: int | None = None # per forward pass; batch_size / micro_batch_size = accumulation steps
+    budget: BudgetConfig = field(default_factory=lambda: BudgetConfig(steps=100))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    seed: int = 0
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    precision: str = "auto"             # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    eval_every: int = 50                # steps; the final step is always evaluated
+    eval_batches: int = 20              # validation batches per evaluation (None-like 0: the whole split)
+    log_every: int = 10
+    checkpoint_every: int = 100         # steps; the final step is always checkpointed
+    tensorboard: bool = False
+    progress: bool = True
+
+    def validate(self, path: str = "") -> "TrainConfig":
+        p = f"{path}." if path else ""
+        self.budget.validate(f"{p}budget")
+        self.schedule.validate(f"{p}schedule")
+        for name in ("batch_size", "eval_every", "log_every", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{p}{name}: must be > 0, got {getattr(self, name)}")
+        if self.eval_batches < 0:
+            raise ConfigError(f"{p}eval_batches: must be >= 0, got {self.eval_batches}")
+        if self.seq_len is not None and self.seq_len <= 0:
+            raise ConfigError(f"{p}seq_len: must be > 0, got {self.seq_len}")
+        mb = self.micro_batch_size or self.batch_size
+        if mb <= 0 or self.batch_size % mb:
+            raise ConfigError(f"{p}micro_batch_size: {mb} must be > 0 and divide batch_size {self.batch_size}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"{p}precision: {self.precision!r} is not one of auto, fp32, bf16")
+        if not self.optim.lr > 0:
+            raise ConfigError(f"{p}optim.lr: must be > 0, got {self.optim.lr}")
+        return self
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch_size // (self.micro_batch_size or self.batch_size)
+
+
+# ----------------------------------------------------------------------------------- dict -> dataclass
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin in (dict,):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        return origin(_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 1e12 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls, data: Any, path: str = ""):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types by dotted path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} (valid: {', '.join(fields)})")
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+REPLACED_WHOLE = ("budget",)  # a one-of mapping: an override replaces it rather than merging into it
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep merge of plain dicts (override wins); used for matrix defaults + cell settings."""
+    out = dict(base)
+    for k, v in (override or {}).items():
+        deep = isinstance(v, dict) and isinstance(out.get(k), dict) and k not in REPLACED_WHOLE
+        out[k] = merge(out[k], v) if deep else v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} malformed YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data

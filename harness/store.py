@@ -1,0 +1,84 @@
+"""The results store: one JSON record per matrix cell, written atomically. The only code that reads or
+writes records.
+
+    <root>/<matrix>/<cell_id>/record.json     resolved config, revision, hardware, versions, counts, losses
+    <root>/<matrix>/<cell_id>/metrics.jsonl   the training log
+    <root>/<matrix>/<cell_id>/checkpoint/     the latest checkpoint (resume point)
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+RECORD = "record.json"
+DEFAULT_ROOT = Path("results") / "runs"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over the target: readers see the
+    old record or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cell_dir(root: Path, matrix: str, cell_id: str) -> Path:
+    return Path(root) / matrix / cell_id
+
+
+def read_record(directory: Path) -> dict[str, Any] | None:
+    path = Path(directory) / RECORD
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def write_record(directory: Path, record: dict[str, Any]) -> None:
+    write_json_atomic(Path(directory) / RECORD, record)
+
+
+def iter_records(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Every record under ``root`` (a store root, a matrix directory or a cell directory)."""
+    root = Path(root)
+    for path in sorted(root.rglob(RECORD)):
+        if "checkpoint" in path.parts:
+            continue
+        yield path.parent, json.loads(path.read_text())
+
+
+def git_revision() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if rev.returncode:
+        return None
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+    out = {}
+    for name in ("torch", "numpy", "safetensors", "tokenizers", "pandas", "seaborn", "lm_eval", "mamba_ssm",
+                 "causal_conv1d", "flash_attn"):
+        try:
+            out[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            continue
+    return out

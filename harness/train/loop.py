@@ -1,0 +1,251 @@
+"""The training loop shared by every registry entry, on CPU and GPU.
+
+AdamW + warmup/cosine (or WSD), gradient clipping, gradient accumulation, bf16 autocast on CUDA and fp32 on
+CPU, optional torch.compile, periodic validation, JSONL metrics, tqdm progress, and checkpoints from which a
+run continues exactly: the batch order is a pure function of (seed, step), and model, optimizer, schedule
+position and every RNG are restored, so on CPU an interrupted-and-resumed run ends bitwise equal to an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from models import registry
+
+from .. import data as data_lib
+from ..config import ConfigError, TrainConfig
+from .checkpoint import load_checkpoint, read_state, save_checkpoint
+from .optim import build_optimizer, lr_at
+
+CHECKPOINT_DIR = "checkpoint"
+METRICS_FILE = "metrics.jsonl"
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {spec!r} asked for but CUDA is not available")
+    return device
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def build_model_config(cfg: TrainConfig, vocab_size: int):
+    """The registry config with the run's overrides: the vocabulary follows the tokenizer (rounded up to a
+    multiple of 64 for matmul-friendly shapes), the context follows seq_len."""
+    overrides = dict(cfg.model_overrides)
+    overrides.setdefault("vocab_size", 64 * math.ceil(vocab_size / 64))
+    base = registry.get_config(cfg.model, cfg.preset)
+    seq_len = cfg.seq_len or base.max_seq_len
+    if seq_len > overrides.get("max_seq_len", base.max_seq_len):
+        overrides["max_seq_len"] = seq_len
+    return registry.get_config(cfg.model, cfg.preset, **overrides), seq_len
+
+
+def total_steps(cfg: TrainConfig, flops_per_token: float, seq_len: int) -> int:
+    tokens_per_step = cfg.batch_size * seq_len
+    b = cfg.budget
+    if b.steps is not None:
+        return int(b.steps)
+    if b.tokens is not None:
+        return max(1, math.ceil(b.tokens / tokens_per_step))
+    return max(1, math.ceil(b.flops / (flops_per_token * tokens_per_step)))
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    # CPU: peak resident set size of this process (Linux reports KiB)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@torch.no_grad()
+def evaluate(model, dataset, seq_len: int, batch_size: int, max_batches: int, device, amp_dtype) -> dict:
+    """Mean next-token loss over the validation split (in order, non-overlapping windows)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in dataset.val_batches(seq_len, batch_size, max_batches or None):
+        x, y = x.to(device), y.to(device)
+        with _autocast(device, amp_dtype):
+            logits = model(x)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"val_loss": loss, "val_tokens": count, "val_bpb": dataset.bits_per_byte(loss),
+            "val_ppl": math.exp(min(loss, 50.0))}
+
+
+def _autocast(device, amp_dtype):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def environment() -> dict[str, Any]:
+    info = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, max_steps_this_run: int | None = None,
+          on_log: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Train ``cfg`` into ``out_dir`` (metrics.jsonl, checkpoint/). Returns a summary of what was spent and
+    reached. ``max_steps_this_run`` stops early without a final checkpoint, as a killed run would."""
+    cfg.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    amp_dtype = autocast_dtype(cfg, device)
+
+    dataset = data_lib.prepare_dataset(cfg.data)
+    model_cfg, seq_len = build_model_config(cfg, dataset.tokenizer.vocab_size)
+    torch.manual_seed(cfg.seed)
+    model = registry.build_from_config(model_cfg, cfg.model, device=device)
+    model.train()
+    optimizer = build_optimizer(model, cfg.optim, device)
+    flops_per_token = model.flops_per_token(seq_len)
+    steps = total_steps(cfg, flops_per_token, seq_len)
+    batcher = dataset.batcher(seq_len, cfg.batch_size, cfg.seed)
+    micro = cfg.micro_batch_size or cfg.batch_size
+    tokens_per_step = cfg.batch_size * seq_len
+
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    metrics_path = out_dir / METRICS_FILE
+    start_step, wall_before = 0, 0.0
+    if resume and ckpt_dir.exists():
+        state = load_checkpoint(ckpt_dir, model, optimizer)
+        start_step, wall_before = state["step"], state.get("wall_time", 0.0)
+        _truncate_metrics(metrics_path, start_step)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    step_fn = torch.compile(model) if cfg.compile else model
+    writer = _tensorboard(out_dir) if cfg.tensorboard else None
+    summary: dict[str, Any] = {"params": model.num_params(), "non_embedding_params": model.num_params(True),
+                               "flops_per_token": flops_per_token, "seq_len": seq_len, "total_steps": steps,
+                               "tokens_per_step": tokens_per_step, "device": str(device),
+                               "precision": str(amp_dtype or torch.float32).replace("torch.", ""),
+                               "model_config": model_cfg.to_dict()}
+    last_eval: dict[str, Any] = {}
+    window_loss, window_n, window_t0, window_tokens = 0.0, 0, time.perf_counter(), 0
+    run_t0 = time.perf_counter()
+    end_step = steps if max_steps_this_run is None else min(steps, start_step + max_steps_this_run)
+    bar = _progress(cfg.progress, start_step, steps, f"{cfg.model}/{cfg.preset}")
+    train_loss, bar_rate = float("nan"), "-"
+    with open(metrics_path, "a") as metrics:
+        for step in range(start_step, end_step):
+            lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x_all, y_all = batcher.get_batch(step)
+            loss_sum = 0.0
+            for i in range(0, cfg.batch_size, micro):
+                x, y = x_all[i:i + micro].to(device), y_all[i:i + micro].to(device)
+                with _autocast(device, amp_dtype):
+                    logits = step_fn(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) * (micro / cfg.batch_size)
+                loss.backward()
+                loss_sum += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not math.isfinite(loss_sum):
+                raise FloatingPointError(f"loss became {loss_sum} at step {step + 1}")
+            train_loss = loss_sum
+            window_loss, window_n, window_tokens = window_loss + loss_sum, window_n + 1, window_tokens + tokens_per_step
+            done = step + 1
+            record = None
+            if done % cfg.log_every == 0 or done == steps:
+                elapsed = time.perf_counter() - window_t0
+                record = {"step": done, "tokens": done * tokens_per_step, "flops": done * tokens_per_step * flops_per_token,
+                          "loss": window_loss / window_n, "lr": lr, "grad_norm": grad_norm,
+                          "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                window_loss, window_n, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
+            if done % cfg.eval_every == 0 or done == steps:
+                last_eval = evaluate(model, dataset, seq_len, micro, cfg.eval_batches, device, amp_dtype)
+                record = record or {"step": done, "tokens": done * tokens_per_step,
+                                    "flops": done * tokens_per_step * flops_per_token}
+                record.update(last_eval)
+            if record is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                if writer is not None:
+                    for k, v in record.items():
+                        if k != "step":
+                            writer.add_scalar(k, v, done)
+                if on_log:
+                    on_log(record)
+            if bar is not None:
+                if record and "tokens_per_s" in record:
+                    bar_rate = f"{record['tokens_per_s']:.0f}"
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=bar_rate, refresh=False)
+            if done % cfg.checkpoint_every == 0 or done == steps:
+                save_checkpoint(ckpt_dir, model, optimizer, {
+                    "step": done, "data_position": done, "wall_time": wall_before + time.perf_counter() - run_t0,
+                    "config": asdict(cfg), "model_name": cfg.model, "model_config": model_cfg.to_dict()})
+    if bar is not None:
+        bar.close()
+    if writer is not None:
+        writer.close()
+    done = end_step
+    wall = wall_before + time.perf_counter() - run_t0
+    summary.update({"steps": done, "tokens": done * tokens_per_step, "flops": done * tokens_per_step * flops_per_token,
+                    "wall_time_s": wall, "tokens_per_s": (done - start_step) * tokens_per_step / max(time.perf_counter() - run_t0, 1e-9),
+                    "peak_memory_bytes": peak_memory_bytes(device), "final_train_loss": train_loss,
+                    "complete": done >= steps, "resumed_from_step": start_step or None,
+                    "dataset": dataset.meta_summary(), "environment": environment()})
+    summary.update({k: v for k, v in last_eval.items()})
+    return summary
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.exists():
+        return
+    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    path.write_text("".join(l + "\n" for l in lines))
+
+
+def _progress(enabled: bool, start: int, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True, leave=False, file=sys.stderr)
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # tensorboard is optional
+        raise ConfigError(f"tensorboard: true needs the tensorboard package ({e})") from None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def checkpoint_step(out_dir: str | Path) -> int | None:
+    ckpt = Path(out_dir) / CHECKPOINT_DIR
+    return read_state(ckpt)["step"] if ckpt.exists() else None

@@ -1,0 +1,56 @@
+"""AdamW parameter groups and learning-rate schedules."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import OptimConfig, ScheduleConfig
+
+PATTENTION_TOKENS = ("key_param_tokens", "value_param_tokens")
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Decay every matrix (>= 2 dims); never norms, biases (1-dim) or parameters marked _no_weight_decay.
+    Pattention parameter tokens are matrices and decay unless cfg.decay_pattention_tokens is false."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        exempt = p.ndim < 2 or getattr(p, "_no_weight_decay", False)
+        if name.rsplit(".", 1)[-1] in PATTENTION_TOKENS and not cfg.decay_pattention_tokens:
+            exempt = True
+        (no_decay if exempt else decay).append(p)
+    return [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             fused=device.type == "cuda")
+
+
+def warmup_steps(total_steps: int, cfg: ScheduleConfig) -> int:
+    if cfg.warmup_steps is not None:
+        return min(cfg.warmup_steps, total_steps)
+    return min(total_steps, max(1, round(cfg.warmup_fraction * total_steps)))
+
+
+def lr_at(step: int, total_steps: int, peak: float, cfg: ScheduleConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``."""
+    warm = warmup_steps(total_steps, cfg)
+    floor = peak * cfg.min_lr_ratio
+    if step < warm:
+        return peak * (step + 1) / warm
+    if cfg.kind == "constant":
+        return peak
+    if cfg.kind == "wsd":
+        decay_start = total_steps - max(1, round(cfg.decay_fraction * total_steps))
+        if step < max(decay_start, warm):
+            return peak
+        frac = (step - max(decay_start, warm) + 1) / max(1, total_steps - max(decay_start, warm))
+        return peak + (floor - peak) * min(1.0, frac)
+    # cosine from peak (at the end of warmup) to floor (at the last step)
+    frac = (step - warm) / max(1, total_steps - warm - 1)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, frac)))

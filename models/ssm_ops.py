@@ -1,0 +1,568 @@
+"""Selective-scan (Mamba-1) and SSD (Mamba-2) ops: a pure-PyTorch reference path plus lazy kernel dispatch.
+
+Two implementations of every op live behind one function each:
+
+* the **reference path** -- plain PyTorch, runs anywhere (CPU, CUDA without kernels, the ``meta`` device).
+  It is *parallel over the sequence* (chunks with a log-depth scan inside, never a Python loop over every
+  position) so it is usable for training small models on CPU, and its state is always fp32.
+* the **kernel path** -- mamba-ssm's CUDA / Triton kernels and causal-conv1d, used on CUDA tensors when they
+  import. They are imported lazily *inside* the CUDA branch: on CPU this module never touches ``mamba_ssm``
+  (which is never a dependency of this project, only an optional accelerator).
+
+``scan_backend(device)`` says which path a call on ``device`` would take; ``last_backend()`` says which one
+the most recent call took ("mamba_ssm" or "torch_reference"), so the bench can report it.
+``use_reference()`` forces the reference path (used by the kernel-vs-reference parity tests).
+
+Layouts follow mamba-ssm so that its kernels are drop-in:
+  Mamba-1 scan:  u, delta, z: (B, D, L);  A: (D, N);  B, C: (B, N, L);  D, delta_bias: (D,);  state (B, D, N)
+  Mamba-2 SSD:   x: (B, L, H, P);  dt: (B, L, H);  A: (H,);  B, C: (B, L, G, N);  D: (H,);  state (B, H, P, N)
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+REFERENCE = "torch_reference"
+MAMBA_SSM = "mamba_ssm"
+
+# ----------------------------------------------------------------------------------------------------------
+# Backend bookkeeping
+# ----------------------------------------------------------------------------------------------------------
+_state = threading.local()
+_last_backend: str | None = None
+
+
+def _forced_reference() -> bool:
+    return getattr(_state, "force_reference", False)
+
+
+@contextlib.contextmanager
+def use_reference(enabled: bool = True):
+    """Force the reference path even on CUDA with kernels installed (thread-local, nestable)."""
+    previous = _forced_reference()
+    _state.force_reference = enabled
+    try:
+        yield
+    finally:
+        _state.force_reference = previous
+
+
+def _record(backend: str) -> str:
+    global _last_backend
+    _last_backend = backend
+    return backend
+
+
+def last_backend() -> str | None:
+    """Backend of the most recent scan call in this process ("mamba_ssm" / "torch_reference"), None if none ran."""
+    return _last_backend
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Lazy kernel loading (CUDA only)
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Kernels:
+    """What imported from mamba-ssm / causal-conv1d; None for each piece that did not (errors say why)."""
+
+    selective_scan_fn: Optional[Callable] = None  # mamba_ssm.ops.selective_scan_interface (CUDA extension)
+    mamba_inner_fn: Optional[Callable] = None  # same module; also needs causal-conv1d's CUDA extension
+    selective_state_update: Optional[Callable] = None  # mamba_ssm.ops.triton.selective_state_update (Triton)
+    mamba_chunk_scan_combined: Optional[Callable] = None  # mamba_ssm.ops.triton.ssd_combined (Triton)
+    causal_conv1d_fn: Optional[Callable] = None  # causal_conv1d (CUDA extension)
+    causal_conv1d_update: Optional[Callable] = None
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def mamba1(self) -> bool:
+        return self.selective_scan_fn is not None
+
+    @property
+    def mamba2(self) -> bool:
+        return self.mamba_chunk_scan_combined is not None
+
+
+_kernels: Kernels | None = None
+
+
+def _import_mamba_ssm(modname: str):
+    """Import a ``mamba_ssm`` submodule, without its package ``__init__`` if that is what fails.
+
+    ``mamba_ssm/__init__.py`` eagerly imports the whole package (MambaLMHeadModel -> transformers,
+    Mamba2 -> huggingface_hub, ...). The kernel modules need none of that, so when the plain import fails we
+    register a bare package object (its ``__path__`` only, ``__init__`` not executed) and import the submodule
+    through it; then only the submodule's own needs (the CUDA extension, triton, einops) must be present.
+    """
+    try:
+        return importlib.import_module(modname)
+    except ImportError as first:
+        if "mamba_ssm" in sys.modules:  # the package imported fine: the submodule itself is what failed
+            raise
+        spec = importlib.util.find_spec("mamba_ssm")
+        if spec is None or not spec.submodule_search_locations:
+            raise first
+        sys.modules["mamba_ssm"] = importlib.util.module_from_spec(spec)
+        return importlib.import_module(modname)
+
+
+def kernels() -> Kernels:
+    """Import the kernels once (only ever called on the CUDA branch). Failures leave the piece as None."""
+    global _kernels
+    if _kernels is not None:
+        return _kernels
+    k = Kernels()
+    try:
+        ssi = _import_mamba_ssm("mamba_ssm.ops.selective_scan_interface")
+        k.selective_scan_fn = ssi.selective_scan_fn
+        # mamba_inner_fn asserts on causal-conv1d's extension inside; only offer it when that is present
+        if getattr(ssi, "causal_conv1d_fwd_function", None) is not None or getattr(ssi, "causal_conv1d_cuda", None) is not None:
+            k.mamba_inner_fn = ssi.mamba_inner_fn
+    except Exception as e:  # ImportError, or an OSError from a CUDA extension built for another torch
+        k.errors["selective_scan"] = f"{type(e).__name__}: {e}"
+    try:
+        k.selective_state_update = _import_mamba_ssm("mamba_ssm.ops.triton.selective_state_update").selective_state_update
+    except Exception as e:
+        k.errors["selective_state_update"] = f"{type(e).__name__}: {e}"
+    try:
+        k.mamba_chunk_scan_combined = _import_mamba_ssm("mamba_ssm.ops.triton.ssd_combined").mamba_chunk_scan_combined
+    except Exception as e:
+        k.errors["ssd_combined"] = f"{type(e).__name__}: {e}"
+    try:
+        cc = importlib.import_module("causal_conv1d")
+        k.causal_conv1d_fn, k.causal_conv1d_update = cc.causal_conv1d_fn, cc.causal_conv1d_update
+    except Exception as e:
+        k.errors["causal_conv1d"] = f"{type(e).__name__}: {e}"
+    _kernels = k
+    return k
+
+
+def _kernels_for(t: torch.Tensor) -> Kernels | None:
+    """The kernels if ``t`` lives on CUDA, the reference is not forced and something imported; else None."""
+    if t.device.type != "cuda" or _forced_reference():
+        return None
+    return kernels()
+
+
+def scan_backend(device: torch.device | str | None = None, arch: str = "mamba") -> str:
+    """Which backend a forward on ``device`` would use for the scan ("mamba_ssm" or "torch_reference")."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" or _forced_reference():
+        return REFERENCE
+    k = kernels()
+    ok = k.mamba2 if arch == "mamba2" else k.mamba1
+    return MAMBA_SSM if ok else REFERENCE
+
+
+def kernel_status() -> dict[str, Any]:
+    """Which kernel pieces are usable (imports them: call it on a CUDA machine), and the import errors."""
+    if not torch.cuda.is_available():
+        return {"cuda": False, "backend": REFERENCE}
+    k = kernels()
+    return {
+        "cuda": True,
+        "selective_scan_fn": k.selective_scan_fn is not None,
+        "mamba_inner_fn": k.mamba_inner_fn is not None,
+        "selective_state_update": k.selective_state_update is not None,
+        "mamba_chunk_scan_combined": k.mamba_chunk_scan_combined is not None,
+        "causal_conv1d": k.causal_conv1d_fn is not None,
+        "errors": dict(k.errors),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Causal depthwise conv1d
+# ----------------------------------------------------------------------------------------------------------
+def _depthwise_causal(x_ext: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Valid depthwise conv as W shifted multiply-adds. x_ext (B, C, W-1+L), weight (C, 1, W) -> (B, C, L).
+
+    Why not F.conv1d: torch's FlopCounterMode ignores ``groups`` in the convolution *backward* formula and
+    counts a depthwise conv's weight gradient C times over (for d_inner=128 that alone would exceed all the
+    matmuls), so a conv op would wreck the FLOP conformance check. Written elementwise, the conv is invisible
+    to the counter and its 2*C*W FLOPs per token are added by hand (``uncounted_flops_per_token``). With
+    W = 4 it is also as fast as a grouped conv on CPU.
+    """
+    width = weight.shape[-1]
+    length = x_ext.shape[-1] - (width - 1)
+    w = weight.squeeze(1).to(x_ext.dtype)  # (C, W)
+    y = x_ext[..., 0:length] * w[:, 0:1]
+    for k in range(1, width):
+        y = y + x_ext[..., k:k + length] * w[:, k:k + 1]
+    return y if bias is None else y + bias.to(y.dtype)[:, None]
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool = True) -> torch.Tensor:
+    """Causal depthwise conv over the last axis. x (B, C, L), weight (C, 1, W) (nn.Conv1d layout) -> (B, C, L).
+
+    Equals nn.Conv1d(padding=W-1)(x)[..., :L] (mamba-ssm's reference): output t sees inputs t-W+1 .. t.
+    """
+    k = _kernels_for(x)
+    if k is not None and k.causal_conv1d_fn is not None:
+        return k.causal_conv1d_fn(x, weight.squeeze(1), bias, activation="silu" if silu else None)
+    y = _depthwise_causal(F.pad(x, (weight.shape[-1] - 1, 0)), weight, bias)
+    return F.silu(y) if silu else y
+
+
+def causal_conv1d_with_state(
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conv continuing from a cache. x (B, C, T), conv_state (B, C, W): the last W raw inputs seen so far.
+
+    Returns (y (B, C, T), new conv_state (B, C, W)). The state holds *pre-conv* inputs, as mamba-ssm's does, so
+    the last W-1 of it are exactly the left context the next T outputs need.
+    """
+    width = weight.shape[-1]
+    x_ext = torch.cat([conv_state[..., 1:].to(x.dtype), x], dim=-1)  # (B, C, W-1+T)
+    y = _depthwise_causal(x_ext, weight, bias)  # exactly T outputs
+    return (F.silu(y) if silu else y), x_ext[..., -width:].to(conv_state.dtype)
+
+
+def causal_conv1d_step(
+    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step. x (B, C), conv_state (B, C, W) -> (y (B, C), new conv_state).
+
+    Kernel path updates ``conv_state`` in place (and returns it); the reference returns a new tensor.
+    """
+    k = _kernels_for(x)
+    if k is not None and k.causal_conv1d_update is not None:
+        y = k.causal_conv1d_update(x, conv_state, weight.squeeze(1), bias, "silu" if silu else None)
+        return y, conv_state
+    state = torch.cat([conv_state[..., 1:], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)  # shift left, append
+    y = (state * weight.squeeze(1)).sum(-1).to(x.dtype)  # (B, C)
+    if bias is not None:
+        y = y + bias
+    return (F.silu(y) if silu else y), state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mamba-1 selective scan
+# ----------------------------------------------------------------------------------------------------------
+def _shift_right(t: torch.Tensor, k: int, fill: float) -> torch.Tensor:
+    """t (..., L, N) shifted by k along L, the first k slots filled with ``fill`` (the scan's identity)."""
+    return F.pad(t[..., :-k, :], (0, 0, k, 0), value=fill)
+
+
+def _chunk_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """All states of h_t = a_t * h_{t-1} + b_t over one chunk. a, b (B, D, Lc, N); h0 (B, D, N) -> (B, D, Lc, N).
+
+    Hillis-Steele doubling on the affine maps h -> a*h + b: after the step with offset k every position holds
+    the composition of the (up to) 2k maps ending at it. log2(Lc) steps of elementwise work, no division and
+    no exp of a cumulative sum, so it is as stable as the sequential recurrence (decays only ever multiply).
+    """
+    k = 1
+    length = a.shape[-2]
+    while k < length:
+        # compose (a_prev, b_prev) then (a, b):  h -> a*(a_prev*h + b_prev) + b
+        b = a * _shift_right(b, k, 0.0) + b
+        a = a * _shift_right(a, k, 1.0)
+        k *= 2
+    return a * h0.unsqueeze(-2) + b
+
+
+def _scan_chunk(delta, du, A, B, C, h0):
+    """One chunk. delta, du (B, D, Lc); A (D, N); B, C (B, N, Lc); h0 (B, D, N) -> y (B, D, Lc), h_last (B, D, N)."""
+    a = torch.exp(delta[..., None] * A[:, None, :])  # (B, D, Lc, N)  discretised A (zero-order hold)
+    b = du[..., None] * B[:, None].transpose(-1, -2)  # (B, D, Lc, N)  Euler-discretised B times u
+    hs = _chunk_scan(a, b, h0)  # (B, D, Lc, N)
+    # y_t = <h_t, C_t>: an elementwise product + sum on purpose (not a matmul) -- the scan's FLOPs are then all
+    # invisible to FlopCounterMode and added back by hand (MambaConfig.uncounted_flops_per_token)
+    y = (hs * C[:, None].transpose(-1, -2)).sum(-1)  # (B, D, Lc)
+    return y, hs[:, :, -1]
+
+
+def selective_scan_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    return_last_state: bool = False,
+    chunk_size: int = 64,
+):
+    """Chunked parallel selective scan (same contract as mamba-ssm's ``selective_scan_fn``, plus ``initial_state``).
+
+    u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L) (input-dependent, one group); D, delta_bias: (D,).
+        h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t        h: (B, D, N), fp32
+        y_t = <h_t, C_t> + D * u_t;  y *= silu(z)
+    The sequence is cut into chunks of ``chunk_size``: inside a chunk the recurrence is a log-depth scan,
+    across chunks the last state is carried. Only (B, D, chunk, N) is ever materialised, never (B, D, L, N).
+    Returns y (B, D, L) in u's dtype [, last state (B, D, N) fp32].
+    """
+    dtype_in = u.dtype
+    u, delta, B, C = u.float(), delta.float(), B.float(), C.float()
+    A = A.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, seqlen = u.shape
+    h = (
+        initial_state.float()
+        if initial_state is not None
+        else u.new_zeros(batch, dim, A.shape[-1])
+    )  # (B, D, N)
+    du = delta * u  # (B, D, L)
+    # Under autograd each chunk is checkpointed: the doubling scan keeps ~2 log2(chunk) (B, D, chunk, N)
+    # tensors alive for backward, i.e. ~30x the chunk's inputs (gigabytes per layer at 100M+ scale); recomputing
+    # the chunk in backward costs elementwise work only (no matmul, so FLOP counts are unaffected).
+    checkpoint = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, initial_state)
+    )
+    ys = []
+    for s in range(0, seqlen, chunk_size):
+        e = min(s + chunk_size, seqlen)
+        args = (delta[:, :, s:e], du[:, :, s:e], A, B[:, :, s:e], C[:, :, s:e], h)
+        if checkpoint:
+            y_c, h = torch.utils.checkpoint.checkpoint(_scan_chunk, *args, use_reentrant=False)
+        else:
+            y_c, h = _scan_chunk(*args)
+        ys.append(y_c)
+    y = torch.cat(ys, dim=-1) if ys else u.new_zeros(batch, dim, 0)
+    if D is not None:
+        y = y + u * D.float()[:, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    y = y.to(dtype_in)
+    return (y, h) if return_last_state else y
+
+
+def selective_scan(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
+    return_last_state=False, chunk_size: int = 64,
+):
+    """Dispatch: mamba-ssm's CUDA kernel when usable (it has no initial-state input), else the reference."""
+    k = _kernels_for(u)
+    if k is not None and k.selective_scan_fn is not None and initial_state is None:
+        _record(MAMBA_SSM)
+        out = k.selective_scan_fn(
+            u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+            return_last_state=return_last_state,
+        )
+        if return_last_state:
+            y, last = out
+            return y, last.float()
+        return out
+    _record(REFERENCE)
+    return selective_scan_ref(
+        u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+        initial_state=initial_state, return_last_state=return_last_state, chunk_size=chunk_size,
+    )
+
+
+def selective_state_step(
+    state: torch.Tensor, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step of the Mamba-1 recurrence. state (B, D, N) fp32; x, dt, z: (B, D); B, C: (B, N).
+
+    Returns (y (B, D) in x's dtype, new state). The kernel updates ``state`` in place.
+    """
+    k = _kernels_for(x)
+    if k is not None and k.selective_state_update is not None:
+        _record(MAMBA_SSM)
+        y = k.selective_state_update(state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+        return y, state
+    _record(REFERENCE)
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    xf = x.float()
+    dA = torch.exp(dt[..., None] * A.float())  # (B, D, N)
+    new_state = state.float() * dA + (dt * xf)[..., None] * B.float()[:, None, :]
+    y = (new_state * C.float()[:, None, :]).sum(-1)  # (B, D)
+    if D is not None:
+        y = y + D.float() * xf
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(x.dtype), new_state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mamba-2 SSD (state space duality), chunked
+# ----------------------------------------------------------------------------------------------------------
+def segsum(a: torch.Tensor) -> torch.Tensor:
+    """a (..., Q) -> (..., Q, Q) with out[i, j] = a[j+1] + ... + a[i] for i >= j and -inf above the diagonal.
+
+    Built as a masked cumsum rather than cumsum(a)[i] - cumsum(a)[j]: the difference of two large negative
+    prefix sums loses precision, the masked cumsum only ever adds the terms inside the segment.
+    """
+    q = a.shape[-1]
+    ones = torch.ones(q, q, dtype=torch.bool, device=a.device)
+    terms = a.unsqueeze(-1).expand(*a.shape, q)  # [k, j] = a[k]
+    terms = terms.masked_fill(~torch.tril(ones, diagonal=-1), 0.0)  # keep k > j
+    out = terms.cumsum(dim=-2)  # [i, j] = sum_{j < k <= i} a[k]
+    return out.masked_fill(~torch.tril(ones), float("-inf"))
+
+
+def ssd_chunk_size(seqlen: int, chunk_size: int) -> int:
+    """The chunk length the reference actually uses: the whole sequence when it is shorter than a chunk."""
+    return max(1, min(chunk_size, seqlen))
+
+
+def ssd_chunked_ref(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_states: torch.Tensor | None = None,
+    return_final_states: bool = False,
+):
+    """Chunked SSD (the algorithm of the Mamba-2 paper's listing 1), same contract as mamba-ssm's
+    ``mamba_chunk_scan_combined``. x (b, l, h, p); dt (b, l, h); A (h,); B, C (b, l, g, n); D (h,);
+    initial_states (b, h, p, n). Returns y (b, l, h, p) in x's dtype [, final state (b, h, p, n) fp32].
+
+    Recurrence being computed (per head, scalar decay):  S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T,
+    y_t = S_t C_t + D x_t. Per chunk of Q tokens it splits into
+      1. intra-chunk ("diagonal block", quadratic like attention):  Y_diag = (C B^T o L) (dt x)
+      2. chunk states (what each chunk adds to the state):           S_c = (B o decay_to_end)^T (dt x)
+      3. inter-chunk recurrence (Python loop over chunks, L/Q steps, elementwise)
+      4. state -> output:                                            Y_off = (C S_{c-1}) o decay_from_start
+    Every contraction is an explicit ``torch.matmul`` so FlopCounterMode sees exactly the FLOPs that
+    Mamba2Config.flops_per_token counts for them.
+    The tail is zero-padded to a whole chunk: padded steps have dt = 0 (decay 1, input 0), so they leave the
+    state unchanged and the final state stays exact.
+    """
+    dtype_in = x.dtype
+    b, seqlen, h, p = x.shape
+    g, n = B.shape[-2], B.shape[-1]
+    hg = h // g  # heads per group (B and C are shared by a group's heads)
+    x, B, C = x.float(), B.float(), C.float()
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    q = ssd_chunk_size(seqlen, chunk_size)
+    nc = -(-seqlen // q)  # number of chunks
+    pad = nc * q - seqlen
+    xd = x * dt[..., None]  # (b, l, h, p)  dt-discretised input
+    Ad = dt * A.float()  # (b, l, h)      log of the per-step decay (<= 0)
+    if pad:
+        xd, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xd, B, C))
+        Ad = F.pad(Ad, (0, 0, 0, pad))
+
+    # chunked, heads split into (group, head-in-group):  X (b, c, g, hg, q, p);  B, C (b, c, g, 1, q, n)
+    X = xd.view(b, nc, q, g, hg, p).permute(0, 1, 3, 4, 2, 5)
+    Bc = B.view(b, nc, q, g, n).permute(0, 1, 3, 2, 4).unsqueeze(3)
+    Cc = C.view(b, nc, q, g, n).permute(0, 1, 3, 2, 4).unsqueeze(3)
+    Ac = Ad.view(b, nc, q, g, hg).permute(0, 1, 3, 4, 2)  # (b, c, g, hg, q)
+    A_cum = Ac.cumsum(-1)  # (b, c, g, hg, q)
+
+    # 1. intra-chunk: scores C_i . B_j per group (shared by its heads), masked by the decay from j to i
+    CB = torch.matmul(Cc, Bc.transpose(-1, -2))  # (b, c, g, 1, q, q)
+    Lmask = torch.exp(segsum(Ac))  # (b, c, g, hg, q, q); exp(-inf) = 0 above the diagonal
+    Y = torch.matmul(CB * Lmask, X)  # (b, c, g, hg, q, p)
+
+    # 2. each chunk's own contribution to the state at its end
+    decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)  # (b, c, g, hg, q)
+    states = torch.matmul((Bc * decay_to_end[..., None]).transpose(-1, -2), X)  # (b, c, g, hg, n, p)
+
+    # 3. carry states across chunks: S_end(c) = exp(sum A over c) * S_end(c-1) + states[c]
+    chunk_decay = torch.exp(A_cum[..., -1])  # (b, c, g, hg)
+    if initial_states is not None:  # (b, h, p, n) -> (b, g, hg, n, p)
+        carry = initial_states.float().view(b, g, hg, p, n).transpose(-1, -2)
+    else:
+        carry = x.new_zeros(b, g, hg, n, p)
+    prev = []  # state entering each chunk
+    for c in range(nc):
+        prev.append(carry)
+        carry = chunk_decay[:, c, ..., None, None] * carry + states[:, c]
+    prev_states = torch.stack(prev, dim=1)  # (b, c, g, hg, n, p)
+
+    # 4. the entering state's contribution to every position of the chunk
+    Y = Y + torch.matmul(Cc, prev_states) * torch.exp(A_cum)[..., None]  # (b, c, g, hg, q, p)
+
+    y = Y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * q, h, p)[:, :seqlen]  # (b, l, h, p)
+    if D is not None:
+        y = y + x * D.float()[:, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    y = y.to(dtype_in)
+    if return_final_states:
+        final = carry.transpose(-1, -2).reshape(b, h, p, n)  # (b, h, p, n)
+        return y, final
+    return y
+
+
+def ssd_scan(
+    x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False, initial_states=None,
+    return_final_states=False,
+):
+    """Dispatch: mamba-ssm's Triton ``mamba_chunk_scan_combined`` on CUDA when usable, else the reference."""
+    k = _kernels_for(x)
+    if k is not None and k.mamba_chunk_scan_combined is not None:
+        _record(MAMBA_SSM)
+        out = k.mamba_chunk_scan_combined(
+            x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
+            dt_softplus=dt_softplus, return_final_states=return_final_states,
+        )
+        if return_final_states:
+            y, final = out[0], out[1]
+            return y, final.float()
+        return out
+    _record(REFERENCE)
+    return ssd_chunked_ref(
+        x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+        initial_states=initial_states, return_final_states=return_final_states,
+    )
+
+
+def ssd_state_step(
+    state: torch.Tensor, x, dt, A, B, C, D, dt_bias=None, dt_softplus: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step of the Mamba-2 recurrence. state (b, h, p, n) fp32; x (b, h, p); dt (b, h);
+    A, D, dt_bias (h,); B, C (b, g, n). Returns (y (b, h, p) in x's dtype, new state); kernel: in place."""
+    h, p, n = state.shape[1], state.shape[2], state.shape[3]
+    g = B.shape[1]
+    k = _kernels_for(x)
+    if k is not None and k.selective_state_update is not None:
+        _record(MAMBA_SSM)
+        # the Triton kernel takes per-(head, channel) parameters: broadcast the per-head scalars (as mamba-ssm)
+        y = k.selective_state_update(
+            state, x, dt[..., None].expand(-1, -1, p), A.float()[:, None, None].expand(h, p, n), B, C,
+            D[:, None].expand(h, p), z=None, dt_bias=None if dt_bias is None else dt_bias[:, None].expand(h, p),
+            dt_softplus=dt_softplus,
+        )
+        return y, state
+    _record(REFERENCE)
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    xf = x.float()
+    Bh = B.float().repeat_interleave(h // g, dim=1)  # (b, h, n)
+    Ch = C.float().repeat_interleave(h // g, dim=1)
+    dA = torch.exp(dt * A.float())  # (b, h)
+    new_state = state.float() * dA[..., None, None] + (dt[..., None] * xf)[..., None] * Bh[:, :, None, :]
+    y = (new_state * Ch[:, :, None, :]).sum(-1) + D.float()[:, None] * xf  # (b, h, p)
+    return y.to(x.dtype), new_state
+
+
+__all__ = [
+    "REFERENCE", "MAMBA_SSM", "use_reference", "last_backend", "scan_backend", "kernel_status", "kernels",
+    "causal_conv1d", "causal_conv1d_with_state", "causal_conv1d_step",
+    "selective_scan_ref", "selective_scan", "selective_state_step",
+    "segsum", "ssd_chunk_size", "ssd_chunked_ref", "ssd_scan", "ssd_state_step",
+]

@@ -1,0 +1,128 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import store
+from harness.config import ConfigError
+from harness.matrix import expand, load_matrix, shipped_matrices
+from harness.report import write_report
+
+MATRIX = {
+    "name": "m",
+    "defaults": {"seq_len": 32, "batch_size": 4, "budget": {"steps": 3}},
+    "models": [{"model": "tokenformer", "preset": "tiny"}, {"model": "gpt2", "preset": "tiny", "optim": {"lr": 1e-3}}],
+    "budgets": [{"steps": 3}, {"flops": 1e9}],
+    "seeds": [0, 1],
+}
+
+
+def test_expand_is_models_x_budgets_x_seeds():
+    m = expand(MATRIX)
+    assert len(m.cells) == 2 * 2 * 2 and len({c.cell_id for c in m.cells}) == 8
+    gpt2 = [c for c in m.cells if c.config.model == "gpt2"]
+    assert all(c.config.optim.lr == 1e-3 for c in gpt2)
+    assert {c.config.seed for c in m.cells} == {0, 1}
+    assert {c.config.budget.flops for c in m.cells} == {None, 1e9}
+
+
+def test_config_hash_ignores_how_but_not_what():
+    a, b = expand(MATRIX).cells[0], expand({**MATRIX, "defaults": {**MATRIX["defaults"], "progress": False}}).cells[0]
+    assert a.config_hash == b.config_hash
+    c = expand({**MATRIX, "defaults": {**MATRIX["defaults"], "seq_len": 16}}).cells[0]
+    assert a.config_hash != c.config_hash
+
+
+def test_shipped_default_matrix_has_the_four_architectures():
+    assert "default" in shipped_matrices()
+    m = load_matrix()
+    assert {c.config.model for c in m.cells} == {"tokenformer", "transformer_pp", "mamba", "gpt2"}
+    assert len({c.config.budget.flops for c in m.cells}) == 1  # one equal FLOP budget
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"colour": 1}, "unknown key colour"),
+    ({"models": [{"model": "tokenformerr", "preset": "tiny"}]}, r"models\[0\].*tokenformerr"),
+    ({"models": [{"model": "gpt2", "preset": "9b"}]}, r"models\[0\].*9b"),
+    ({"models": [{"model": "gpt2", "preset": "tiny", "optim": {"lrr": 1}}]}, r"optim\.lrr"),
+    ({"budgets": [{"flops": 0}]}, r"budget\.flops"),
+    ({"seeds": ["a"]}, "seeds"),
+    ({"models": [{"model": "gpt2", "preset": "tiny", "model_overrides": {"ffn": "moe"}}]}, "ffn"),
+])
+def test_bad_matrix_names_the_field(change, match):
+    with pytest.raises(ConfigError, match=match):
+        expand({**MATRIX, **change})
+
+
+def _cli(*args, cwd):
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+@pytest.mark.parametrize("content,match", [
+    ("name: m\nmodels: [{model: gpt2, preset: tiny}]\nbudgets: [{steps: 0}]\n", "budget.steps"),
+    ("name: m\nmodels: [{model: gpt2, preset: tiny}\n", "malformed YAML"),
+    ("name: m\nmodels: [{model: gpt3, preset: tiny}]\n", "gpt3"),
+])
+def test_bad_matrix_file_one_line_nonzero_exit_store_unchanged(tmp_path, content, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    out = tmp_path / "store"
+    proc = _cli("run", str(path), "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0], proc.stderr
+    assert not out.exists()
+
+
+def test_missing_matrix_file(tmp_path):
+    proc = _cli("run", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert proc.returncode == 2 and "nope.yaml" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_record_write_is_atomic(tmp_path, monkeypatch):
+    d = tmp_path / "cell"
+    store.write_record(d, {"status": "complete", "val_loss": 1.0})
+
+    def boom(obj, f, **kw):
+        f.write('{"status": "compl')
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dump", boom)
+    with pytest.raises(OSError):
+        store.write_record(d, {"status": "failed"})
+    monkeypatch.undo()
+    assert store.read_record(d) == {"status": "complete", "val_loss": 1.0}
+    assert [p.name for p in d.iterdir()] == ["record.json"]  # no temp file left behind
+
+
+def _fixture_store(root: Path):
+    for i, (model, loss) in enumerate([("tokenformer", 2.0), ("transformer_pp", 1.9), ("mamba", 1.95)]):
+        d = root / "fx" / f"{model}-tiny-seed0"
+        store.write_record(d, {"matrix": "fx", "cell_id": d.name, "model": model, "preset": "tiny", "seed": 0,
+                               "budget_label": "flops=1e+12", "params": 1000 + i, "non_embedding_params": 500,
+                               "tokens": 1e6, "flops": 1e12, "steps": 10, "wall_time_s": 5.0, "tokens_per_s": 2e5,
+                               "final_train_loss": loss + 0.1, "val_loss": loss, "val_bpb": loss / 0.693,
+                               "val_ppl": 7.0, "status": "complete", "device": "cpu", "precision": "float32"})
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "flops": s * 1e11, "val_loss": loss + 1 / s}) + "\n"
+                                                 for s in range(1, 11)))
+
+
+def test_report_from_fixture_store(tmp_path):
+    _fixture_store(tmp_path)
+    path = write_report(tmp_path)
+    text = path.read_text()
+    assert "## fx — budget flops=1e+12" in text
+    rows = [l for l in text.splitlines() if l.startswith("| ") and "tiny" in l]
+    assert [r.split("|")[1].strip() for r in rows] == ["transformer_pp", "mamba", "tokenformer"]  # by val loss
+    png = tmp_path / "val_loss_vs_flops.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_on_empty_store_is_an_error(tmp_path):
+    proc = _cli("report", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2 and "no result records" in proc.stderr

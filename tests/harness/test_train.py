@@ -1,0 +1,140 @@
+"""The training loop: it learns, resumes exactly, and rejects bad input with one line."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.config import TrainConfig, from_dict, merge
+from harness.matrix import expand, run_matrix
+from harness.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from harness.train.loop import train
+from models import registry
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+        "want of a wife. However little known the feelings or views of such a man may be on his first entering "
+        "a neighbourhood, this truth is so well fixed in the minds of the surrounding families. ")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(12):
+        (root / f"doc{i:02d}.txt").write_text(TEXT * (3 + i % 4) + f" Chapter {i}.")
+    return root
+
+
+def config(corpus, cache, **kw):
+    base = {"model": "tokenformer", "preset": "tiny", "seq_len": 32, "batch_size": 4,
+            "data": {"source": str(corpus), "tokenizer": "byte", "cache_dir": str(cache), "val_fraction": 0.2},
+            "budget": {"steps": 8}, "eval_every": 4, "eval_batches": 2, "log_every": 1, "checkpoint_every": 3,
+            "progress": False}
+    return from_dict(TrainConfig, merge(base, kw)).validate()
+
+
+def _metrics(path):
+    return [json.loads(l) for l in Path(path).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", ["tokenformer", "mamba"])
+def test_interrupted_and_resumed_run_is_bitwise_identical(corpus, tmp_path, name):
+    cfg = config(corpus, tmp_path / "cache", model=name)
+    full = train(cfg, tmp_path / "full")
+    part = train(cfg, tmp_path / "resumed", max_steps_this_run=5)  # 'killed' after step 5: last checkpoint at 3
+    assert not part["complete"]
+    resumed = train(cfg, tmp_path / "resumed")
+    assert resumed["complete"] and resumed["resumed_from_step"] == 3
+    a = (tmp_path / "full/checkpoint/model.safetensors").read_bytes()
+    b = (tmp_path / "resumed/checkpoint/model.safetensors").read_bytes()
+    assert a == b
+    assert resumed["final_train_loss"] == full["final_train_loss"] and resumed["val_loss"] == full["val_loss"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    assert strip(_metrics(tmp_path / "resumed/metrics.jsonl")) == strip(_metrics(tmp_path / "full/metrics.jsonl"))
+
+
+def test_gradient_accumulation_matches_full_batch(corpus, tmp_path):
+    a = train(config(corpus, tmp_path / "c", budget={"steps": 3}), tmp_path / "a")
+    b = train(config(corpus, tmp_path / "c", budget={"steps": 3}, micro_batch_size=2), tmp_path / "b")
+    assert a["final_train_loss"] == pytest.approx(b["final_train_loss"], rel=1e-5)
+
+
+def test_budgets_in_tokens_and_flops(corpus, tmp_path):
+    s = train(config(corpus, tmp_path / "c", budget={"tokens": 1000}), tmp_path / "t")
+    assert s["steps"] == 8 and s["tokens"] == 8 * 4 * 32  # ceil(1000 / 128)
+    fpt = s["flops_per_token"]
+    f = train(config(corpus, tmp_path / "c", budget={"flops": fpt * 128 * 5}), tmp_path / "f")
+    assert f["steps"] == 5 and f["flops"] == pytest.approx(fpt * 128 * 5)
+
+
+def test_training_lowers_validation_loss(corpus, tmp_path):
+    cfg = config(corpus, tmp_path / "c", model="transformer_pp", budget={"steps": 40}, eval_every=20,
+                 optim={"lr": 1e-2})
+    train(cfg, tmp_path / "r")
+    vals = [m["val_loss"] for m in _metrics(tmp_path / "r/metrics.jsonl") if "val_loss" in m]
+    assert len(vals) == 2 and vals[-1] < 0.7 * 5.77  # far below uniform over 320 ids (ln 320 = 5.77)
+
+
+def test_checkpoint_round_trip_and_bad_checkpoint(tmp_path):
+    model = registry.build("gpt2", "tiny")
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "ck", model, opt, {"step": 1})
+    other = registry.build("gpt2", "tiny")
+    opt2 = torch.optim.AdamW(other.parameters())
+    assert load_checkpoint(tmp_path / "ck", other, opt2)["step"] == 1
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(v, v2)
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"])
+    (tmp_path / "ck/model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(tmp_path / "ck", other)
+    (tmp_path / "ck/state.json").unlink()
+    with pytest.raises(CheckpointError, match="state.json"):
+        load_checkpoint(tmp_path / "ck", other)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        save_checkpoint(tmp_path / "ck2", model, None, {"step": 0})
+        load_checkpoint(tmp_path / "ck2", registry.build("tokenformer", "tiny"))
+
+
+def test_matrix_skips_complete_and_resumes_partial(corpus, tmp_path, monkeypatch):
+    from dataclasses import asdict
+    raw = {"name": "t", "defaults": asdict(config(corpus, tmp_path / "c")), "models": [
+        {"model": "tokenformer", "preset": "tiny"}, {"model": "gpt2", "preset": "tiny"}]}
+    m = expand(raw)
+    root = tmp_path / "store"
+    # a partial cell: a run killed after 4 steps (checkpoint at 3)
+    train(m.cells[1].config, root / "t" / m.cells[1].cell_id, max_steps_this_run=4)
+    logs = []
+    records = run_matrix(m, root, log=logs.append)
+    assert [r["status"] for r in records] == ["complete", "complete"]
+    assert records[0]["resumed_from_step"] is None and records[1]["resumed_from_step"] == 3
+    assert records[0]["params"] == registry.build("tokenformer", "tiny", vocab_size=320).num_params()
+    for key in ("git_revision", "versions", "config", "val_bpb", "val_ppl", "peak_memory_bytes", "environment"):
+        assert key in records[0]
+    import harness.train.loop as loop
+    monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("a complete cell was retrained"))
+    logs.clear()
+    run_matrix(m, root, log=logs.append)
+    assert sum("complete, skipped" in l for l in logs) == 2
+
+
+def _cli(*args, cwd):
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def test_cli_train_bad_inputs(tmp_path, corpus):
+    missing = _cli("train", "--set", f"data.source={tmp_path / 'nope'}", "--steps", "2", "--out", str(tmp_path / "o1"), cwd=tmp_path)
+    assert missing.returncode == 2 and "nope" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+    zero = _cli("train", "--steps", "0", "--out", str(tmp_path / "o2"), cwd=tmp_path)
+    assert zero.returncode == 2 and "budget.steps" in zero.stderr
+    (tmp_path / "o3/checkpoint").mkdir(parents=True)
+    (tmp_path / "o3/checkpoint/state.json").write_text("{")
+    bad = _cli("train", "--set", f"data.source={corpus}", "--set", f"data.cache_dir={tmp_path / 'c'}",
+               "--steps", "2", "--seq-len", "32", "--out", str(tmp_path / "o3"), cwd=tmp_path)
+    assert bad.returncode == 2 and "checkpoint" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
