@@ -109,9 +109,9 @@ class MambaConfig(ModelConfig):
         return 2 * (d * 2 * e + e * (r + 2 * n) + r * e + e * d)  # in_proj, x_proj, dt_proj, out_proj
 
     def _layer_scan_flops(self) -> int:
-        # mamba-ssm's own convention for the selective scan (its benchmarks / issue #110): 9 * D * N per token
-        # (discretise A and B, update the state, contract with C). D-skip and z-gating are elementwise
-        # O(D) work, left out like every other elementwise op (norms, activations).
+        # the mamba-ssm authors' count for the selective scan (A. Gu, state-spaces/mamba issue #110): 9 * D * N
+        # per token (discretise A and B, the scan's multiply-adds, contract with C). D-skip and z-gating are
+        # elementwise O(D) work, left out like every other elementwise op (norms, activations).
         return 9 * self.d_inner * self.d_state
 
     def forward_flops_per_token(self, seq_len: int | None = None) -> float:
@@ -210,12 +210,15 @@ class Mamba2Config(ModelConfig):
 
     def _ssd_flops_per_token(self, seq_len: int) -> float:
         """Matmul FLOPs per token of the chunked SSD at chunk length Q (see ssm_ops.ssd_chunked_ref):
-        C.B^T scores 2*Q*G*N, scores @ x 2*Q*E, chunk states 2*E*N, state -> output 2*E*N (E = H*P).
-        The sequence is zero-padded to whole chunks, so the work is that of the padded length."""
+        C.B^T scores 2*Q*G*N, scores @ x 2*Q*E, chunk states 2*E*N, state -> output 2*E*N (E = H*P; the two
+        state terms vanish when the whole sequence is one chunk: no state enters it and, in a training forward,
+        none leaves it). The sequence is zero-padded to whole chunks: the work is that of the padded length."""
         q = ssm_ops.ssd_chunk_size(seq_len, self.chunk_size)
-        padded = -(-seq_len // q) * q
-        per_padded_token = 2 * q * self.ngroups * self.d_state + 2 * q * self.d_inner + 4 * self.d_inner * self.d_state
-        return per_padded_token * padded / seq_len
+        n_chunks = -(-seq_len // q)
+        per_padded_token = 2 * q * self.ngroups * self.d_state + 2 * q * self.d_inner
+        if n_chunks > 1:
+            per_padded_token += 4 * self.d_inner * self.d_state
+        return per_padded_token * n_chunks * q / seq_len
 
     def forward_flops_per_token(self, seq_len: int | None = None) -> float:
         seq_len = seq_len or self.max_seq_len
@@ -296,6 +299,9 @@ class MambaMixer(nn.Module):
         self.dt_proj = nn.Linear(r, e, bias=True)
         self.A_log = nn.Parameter(torch.empty(e, n))  # A = -exp(A_log) < 0: a stable, decaying state
         self.D = nn.Parameter(torch.empty(e))  # skip connection u -> y
+        # as mamba-ssm: the optimizer exempts these from weight decay (decaying A_log would slow the decay rates)
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
         self.out_proj = nn.Linear(e, d, bias=False)
 
     def reset_parameters(self) -> None:
@@ -383,10 +389,14 @@ class Mamba2Mixer(nn.Module):
         self.cfg = cfg
         d, e, h, w = cfg.d_model, cfg.d_inner, cfg.nheads, cfg.d_conv
         self.in_proj = nn.Linear(d, cfg.d_in_proj, bias=False)
-        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, kernel_size=w, groups=cfg.conv_dim, padding=w - 1, bias=True)
+        c = cfg.conv_dim
+        self.conv1d = nn.Conv1d(c, c, kernel_size=w, groups=c, padding=w - 1, bias=True)
         self.dt_bias = nn.Parameter(torch.empty(h))
         self.A_log = nn.Parameter(torch.empty(h))  # one scalar decay per head: what makes SSD matmul-friendly
         self.D = nn.Parameter(torch.empty(h))
+        self.dt_bias._no_weight_decay = True  # as mamba-ssm
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
         self.norm = RMSNorm(e, eps=cfg.norm_eps, group_size=e // cfg.ngroups)
         self.out_proj = nn.Linear(e, d, bias=False)
 
@@ -448,8 +458,12 @@ class Mamba2Mixer(nn.Module):
             new_conv_state = F.pad(xBC, (cfg.d_conv - T, 0)).to(conv_state.dtype)
             xBC = ssm_ops.causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias)
         else:
-            xBC, new_conv_state = ssm_ops.causal_conv1d_with_state(xBC, conv_state, self.conv1d.weight, self.conv1d.bias)
-        y, last = self._ssd(xBC.transpose(1, 2), dt, initial_states=None if fresh else ssm_state, return_final_states=True)
+            xBC, new_conv_state = ssm_ops.causal_conv1d_with_state(
+                xBC, conv_state, self.conv1d.weight, self.conv1d.bias
+            )
+        y, last = self._ssd(
+            xBC.transpose(1, 2), dt, initial_states=None if fresh else ssm_state, return_final_states=True
+        )
         return self._out(y, z), new_conv_state, last
 
 

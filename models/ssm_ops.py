@@ -124,12 +124,14 @@ def kernels() -> Kernels:
         ssi = _import_mamba_ssm("mamba_ssm.ops.selective_scan_interface")
         k.selective_scan_fn = ssi.selective_scan_fn
         # mamba_inner_fn asserts on causal-conv1d's extension inside; only offer it when that is present
-        if getattr(ssi, "causal_conv1d_fwd_function", None) is not None or getattr(ssi, "causal_conv1d_cuda", None) is not None:
+        # (the attribute: 2.2.6+ imports causal_conv1d.cpp_functions, 2.2.4 and older causal_conv1d_cuda)
+        if any(getattr(ssi, a, None) is not None for a in ("causal_conv1d_fwd_function", "causal_conv1d_cuda")):
             k.mamba_inner_fn = ssi.mamba_inner_fn
     except Exception as e:  # ImportError, or an OSError from a CUDA extension built for another torch
         k.errors["selective_scan"] = f"{type(e).__name__}: {e}"
     try:
-        k.selective_state_update = _import_mamba_ssm("mamba_ssm.ops.triton.selective_state_update").selective_state_update
+        ssu = _import_mamba_ssm("mamba_ssm.ops.triton.selective_state_update")
+        k.selective_state_update = ssu.selective_state_update
     except Exception as e:
         k.errors["selective_state_update"] = f"{type(e).__name__}: {e}"
     try:
@@ -154,7 +156,9 @@ def _kernels_for(t: torch.Tensor) -> Kernels | None:
 
 def scan_backend(device: torch.device | str | None = None, arch: str = "mamba") -> str:
     """Which backend a forward on ``device`` would use for the scan ("mamba_ssm" or "torch_reference")."""
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     if device.type != "cuda" or _forced_reference():
         return REFERENCE
     k = kernels()
@@ -233,7 +237,8 @@ def causal_conv1d_step(
     Kernel path updates ``conv_state`` in place (and returns it); the reference returns a new tensor.
     """
     k = _kernels_for(x)
-    if k is not None and k.causal_conv1d_update is not None:
+    if k is not None and k.causal_conv1d_update is not None and x.dtype == conv_state.dtype:
+        conv_state = conv_state.contiguous()  # updated in place by the kernel (a no-op when already contiguous)
         y = k.causal_conv1d_update(x, conv_state, weight.squeeze(1), bias, "silu" if silu else None)
         return y, conv_state
     state = torch.cat([conv_state[..., 1:], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)  # shift left, append
@@ -373,6 +378,7 @@ def selective_state_step(
     k = _kernels_for(x)
     if k is not None and k.selective_state_update is not None:
         _record(MAMBA_SSM)
+        state = state.contiguous()  # the kernel updates it in place (a scan's last state may be a strided view)
         y = k.selective_state_update(state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
         return y, state
     _record(REFERENCE)
@@ -474,24 +480,27 @@ def ssd_chunked_ref(
     Lmask = torch.exp(segsum(Ac))  # (b, c, g, hg, q, q); exp(-inf) = 0 above the diagonal
     Y = torch.matmul(CB * Lmask, X)  # (b, c, g, hg, q, p)
 
-    # 2. each chunk's own contribution to the state at its end
-    decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)  # (b, c, g, hg, q)
-    states = torch.matmul((Bc * decay_to_end[..., None]).transpose(-1, -2), X)  # (b, c, g, hg, n, p)
-
-    # 3. carry states across chunks: S_end(c) = exp(sum A over c) * S_end(c-1) + states[c]
-    chunk_decay = torch.exp(A_cum[..., -1])  # (b, c, g, hg)
     if initial_states is not None:  # (b, h, p, n) -> (b, g, hg, n, p)
         carry = initial_states.float().view(b, g, hg, p, n).transpose(-1, -2)
     else:
         carry = x.new_zeros(b, g, hg, n, p)
-    prev = []  # state entering each chunk
-    for c in range(nc):
-        prev.append(carry)
-        carry = chunk_decay[:, c, ..., None, None] * carry + states[:, c]
-    prev_states = torch.stack(prev, dim=1)  # (b, c, g, hg, n, p)
+    if nc > 1 or return_final_states:
+        # 2. each chunk's own contribution to the state at its end
+        decay_to_end = torch.exp(A_cum[..., -1:] - A_cum)  # (b, c, g, hg, q)
+        states = torch.matmul((Bc * decay_to_end[..., None]).transpose(-1, -2), X)  # (b, c, g, hg, n, p)
+        # 3. carry states across chunks: S_end(c) = exp(sum A over c) * S_end(c-1) + states[c]
+        chunk_decay = torch.exp(A_cum[..., -1])  # (b, c, g, hg)
+        prev = []  # state entering each chunk
+        for c in range(nc):
+            prev.append(carry)
+            carry = chunk_decay[:, c, ..., None, None] * carry + states[:, c]
+        prev_states = torch.stack(prev, dim=1)  # (b, c, g, hg, n, p)
+    else:  # one chunk and no final state wanted (training forward): steps 2-3 are dead work, skipped
+        prev_states = carry[:, None]
 
-    # 4. the entering state's contribution to every position of the chunk
-    Y = Y + torch.matmul(Cc, prev_states) * torch.exp(A_cum)[..., None]  # (b, c, g, hg, q, p)
+    # 4. the entering state's contribution to every position of the chunk (nothing enters a lone first chunk)
+    if nc > 1 or initial_states is not None:
+        Y = Y + torch.matmul(Cc, prev_states) * torch.exp(A_cum)[..., None]  # (b, c, g, hg, q, p)
 
     y = Y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * q, h, p)[:, :seqlen]  # (b, l, h, p)
     if D is not None:
@@ -538,6 +547,7 @@ def ssd_state_step(
     k = _kernels_for(x)
     if k is not None and k.selective_state_update is not None:
         _record(MAMBA_SSM)
+        state = state.contiguous()  # updated in place by the kernel
         # the Triton kernel takes per-(head, channel) parameters: broadcast the per-head scalars (as mamba-ssm)
         y = k.selective_state_update(
             state, x, dt[..., None].expand(-1, -1, p), A.float()[:, None, None].expand(h, p, n), B, C,

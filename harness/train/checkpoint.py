@@ -136,3 +136,28 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     if restore_rng:
         _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
     return state
+
+
+def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild the model a training checkpoint holds (architecture and config from state.json, weights from
+    model.safetensors). Returns (model in eval mode, state dict). Unknown architecture or an unreadable
+    checkpoint: CheckpointError naming the path."""
+    from models import registry
+
+    path = Path(path)
+    if path.is_dir() and not (path / "state.json").exists() and (path / "checkpoint").is_dir():
+        path = path / "checkpoint"  # a run directory was given
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    state = read_state(path)
+    name = state.get("model_name")
+    try:
+        arch = registry.get(name)
+        config = arch.config_cls(**state["model_config"])
+    except registry.UnknownModelError as e:
+        raise CheckpointError(f"{path}: checkpoint of an unknown architecture ({e})") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / 'state.json'}: model config does not fit architecture {name!r} ({e})") from None
+    model = registry.build_from_config(config, name, device=device)
+    load_checkpoint(path, model, None, restore_rng=False)
+    return model.eval(), state

@@ -4,10 +4,11 @@ FLOPs, cached decoding and safetensors for every entry; nothing here repeats tho
 1. the chunked reference scans (Mamba-1 selective scan, Mamba-2 SSD) against naive per-position loops in fp64;
 2. the state_dict layout, written out from mamba-ssm's MambaLMHeadModel, and the init scheme;
 3. parity with mamba-ssm's own python reference code (selective_scan_ref, mamba_inner_ref, ssd_minimal and the
-   whole MambaLMHeadModel), imported on CPU with its CUDA / Triton modules stubbed out -- skipped when
-   mamba-ssm is not installed (CPU install: see ``_MAMBA_SSM_CPU_INSTALL`` below);
+   whole MambaLMHeadModel, whose state_dict loads into ours), imported on CPU with its CUDA / Triton modules
+   stubbed out, and our kernel-dispatch path run on CPU with mamba-ssm's reference functions standing in for
+   its kernels -- skipped when mamba-ssm is not installed (CPU install: ``_MAMBA_SSM_CPU_INSTALL`` below);
 4. kernel-vs-reference parity on CUDA (bf16 tolerances), skipped without a GPU and mamba-ssm;
-5. cached decoding across chunk boundaries.
+5. cached decoding across chunk boundaries; FLOPs vs FlopCounterMode at lengths the conformance suite skips.
 """
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import mamba, ssm_ops
+from models import ssm_ops
 from models.mamba import MAMBA2_ARCH, ARCH, Mamba2Config, Mamba2LM, MambaConfig, MambaLM
 
+# python files only, never another torch (--no-deps); FORCE_BUILD skips its attempt to download a CUDA wheel
 _MAMBA_SSM_CPU_INSTALL = (
-    "pip install --no-deps einops wheel && MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE "
+    "pip install --no-deps einops wheel packaging && MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE "
     "pip install --no-deps --no-build-isolation mamba-ssm==2.2.6.post3"
 )
 HAS_MAMBA_SSM = importlib.util.find_spec("mamba_ssm") is not None and importlib.util.find_spec("einops") is not None
@@ -53,7 +55,8 @@ def naive_ssd(x, dt, A, B, C, D, dt_bias, h0):
     dt = F.softplus(dt + dt_bias)
     s, ys = h0.clone(), []
     for t in range(x.shape[1]):
-        s = torch.exp(dt[:, t] * A)[..., None, None] * s + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        decay = torch.exp(dt[:, t] * A)[..., None, None]  # (b, h, 1, 1)
+        s = decay * s + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
         ys.append((s * C[:, t, :, None, :]).sum(-1))  # (b, h, p)
     return torch.stack(ys, dim=1) + D[:, None] * x, s
 
@@ -125,7 +128,7 @@ def test_segsum_is_stable_and_exact():
     a = -torch.rand(3, 50, dtype=torch.float64) * 30  # large cumulative sums: the naive difference cancels
     seg = ssm_ops.segsum(a)
     i, j = 41, 7
-    assert seg[1, i, j] == pytest.approx(a[1, j + 1:i + 1].sum().item(), rel=1e-12)
+    assert seg[1, i, j].item() == pytest.approx(a[1, j + 1:i + 1].sum().item(), rel=1e-12)
     assert seg[1, j, i] == float("-inf") and seg[1, i, i] == 0
 
 
@@ -216,6 +219,19 @@ def test_published_mamba_130m_count_by_hand():
     assert MAMBA2_ARCH.config("130m").padded_vocab_size == 50288
 
 
+@pytest.mark.parametrize("arch", [ARCH, MAMBA2_ARCH])
+@pytest.mark.parametrize("seq_len", [1, 33, 100])  # one chunk, just over one chunk, a padded last chunk
+def test_flops_match_the_counter_at_any_length(arch, seq_len):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = arch.model_cls(arch.config("tiny"))
+    x = torch.randint(0, 512, (2, seq_len))
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    counted = counter.get_total_flops() + 3 * model.config.uncounted_flops_per_token(seq_len) * x.numel()
+    assert counted == pytest.approx(model.flops_per_token(seq_len) * x.numel(), rel=1e-9)
+
+
 def test_init_follows_mamba_ssm():
     torch.manual_seed(0)
     cfg = MambaConfig(d_model=128, n_layer=4, vocab_size=256)
@@ -239,7 +255,8 @@ def test_init_follows_mamba_ssm():
     assert A.min() >= 1 and A.max() <= 16
     dt2 = F.softplus(mix2.dt_bias.detach())
     assert dt2.min() >= 1e-3 * 0.999 and dt2.max() <= 0.1 * 1.001
-    assert torch.equal(mix2.D, torch.ones_like(mix2.D)) and torch.equal(mix2.norm.weight, torch.ones_like(mix2.norm.weight))
+    assert torch.equal(mix2.D, torch.ones_like(mix2.D))
+    assert torch.equal(mix2.norm.weight, torch.ones_like(mix2.norm.weight))
 
 
 def test_cpu_runs_the_reference_and_never_imports_mamba_ssm():
@@ -345,6 +362,9 @@ def mamba_ssm_cpu(monkeypatch):
     (which imports all of that eagerly) is bypassed. Everything is removed from sys.modules afterwards."""
     if not HAS_MAMBA_SSM:
         pytest.skip(f"mamba-ssm (and einops) not installed; CPU install: {_MAMBA_SSM_CPU_INSTALL}")
+    # on a CUDA machine the real package may already be imported (kernels): set it aside, re-import with stubs
+    for name in [n for n in sys.modules if n == "mamba_ssm" or n.startswith("mamba_ssm.")]:
+        monkeypatch.delitem(sys.modules, name)
     before = set(sys.modules)
 
     def stub(name, **attrs):
@@ -379,23 +399,25 @@ def mamba_ssm_cpu(monkeypatch):
     def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
                    cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False,
                    return_varlen_states=False):
-        """mamba_chunk_scan_combined (Triton) rebuilt from mamba-ssm's ssd_minimal_discrete."""
-        assert initial_states is None and z is None
-        dt = dt + dt_bias if dt_bias is not None else dt
+        """mamba_chunk_scan_combined (Triton) rebuilt from mamba-ssm's ssd_minimal_discrete (fp32)."""
+        assert z is None and seq_idx is None
+        dtype, x, B, C = x.dtype, x.float(), B.float(), C.float()
+        dt = dt.float() + dt_bias.float() if dt_bias is not None else dt.float()
         dt = F.softplus(dt) if dt_softplus else dt
         L, h = x.shape[1], x.shape[2]
         Bh, Ch = (t.repeat_interleave(h // t.shape[2], dim=2) for t in (B, C))
         pad = (-L) % chunk_size
         args = [x * dt[..., None], A * dt, Bh, Ch]
         args = [F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in args]
-        y, final = ns.ssd_minimal.ssd_minimal_discrete(*args, chunk_size)
-        y = y[:, :L] + x * D[:, None]
+        init = None if initial_states is None else initial_states.float()[:, None]  # (b, 1, h, p, n)
+        y, final = ns.ssd_minimal.ssd_minimal_discrete(*args, chunk_size, initial_states=init)
+        y = (y[:, :L] + x * D.float()[:, None]).to(dtype)
         return (y, final) if return_final_states else y
 
     ssd_combined.mamba_chunk_scan_combined = chunk_scan
     ns.chunk_scan = chunk_scan
     yield ns
-    for name in set(sys.modules) - before:
+    for name in set(sys.modules) - before:  # (monkeypatch then puts back whatever was set aside above)
         if name == "mamba_ssm" or name.startswith("mamba_ssm."):
             sys.modules.pop(name, None)
 
@@ -477,13 +499,111 @@ def test_whole_mamba2_lm_matches_mamba_ssm(mamba_ssm_cpu):
         torch.testing.assert_close(ours(x), theirs(x).logits[..., :500], rtol=1e-4, atol=1e-4)
 
 
+def _causal_conv1d_update_double(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None):
+    """causal_conv1d_update's contract: x (b, c) or (b, c, l); conv_state (b, c, s) updated in place."""
+    squeeze = x.dim() == 2
+    x3 = x.unsqueeze(-1) if squeeze else x
+    full = torch.cat([conv_state, x3], -1)
+    conv_state.copy_(full[..., -conv_state.shape[-1]:])
+    out = F.conv1d(full.to(weight.dtype), weight.unsqueeze(1), bias, groups=x3.shape[1])[..., -x3.shape[-1]:]
+    out = F.silu(out) if activation in ("silu", "swish") else out
+    return (out.squeeze(-1) if squeeze else out).to(x.dtype)
+
+
+def _fake_triton(monkeypatch):
+    """Just enough of triton's import-time surface for mamba-ssm's Triton modules to import (their *_ref
+    functions are plain torch); no Triton kernel is ever launched."""
+    def jit(fn=None, **_):
+        return fn if fn is not None else (lambda f: f)
+
+    tl = types.ModuleType("triton.language")
+    tl.constexpr, tl.math = object, types.SimpleNamespace()
+    triton = types.ModuleType("triton")
+    triton.__version__, triton.language, triton.jit = "3.0.0", tl, jit
+    triton.heuristics = triton.autotune = lambda *a, **k: (lambda f: f)
+    triton.Config = lambda *a, **k: None
+    triton.next_power_of_2 = lambda n: 1 << max(0, int(n) - 1).bit_length()
+    monkeypatch.setitem(sys.modules, "triton", triton)
+    monkeypatch.setitem(sys.modules, "triton.language", tl)
+
+
+@pytest.fixture
+def simulated_kernels(mamba_ssm_cpu, monkeypatch):
+    """The kernel path of ssm_ops / the models, run on CPU: every kernel is replaced by mamba-ssm's own
+    reference implementation of the same signature (selective_scan_ref for selective_scan_fn, mamba_inner_ref
+    for mamba_inner_fn, selective_state_update_ref for selective_state_update, ssd_minimal for
+    mamba_chunk_scan_combined) or a test double of causal-conv1d's. This checks the dispatch plumbing --
+    argument order, layouts, in-place state updates, returned states -- without a GPU."""
+    ssi = mamba_ssm_cpu.ssi
+    monkeypatch.setattr(ssi, "causal_conv1d_fn", _causal_conv1d_ref)
+    monkeypatch.setattr(ssi, "selective_scan_fn", ssi.selective_scan_ref)
+    _fake_triton(monkeypatch)
+    monkeypatch.delitem(sys.modules, "mamba_ssm.ops.triton.selective_state_update")  # the fixture's None stub
+    try:
+        ssu = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
+    except ImportError as e:
+        pytest.skip(f"mamba_ssm.ops.triton.selective_state_update does not import with a triton stub: {e}")
+    fake = ssm_ops.Kernels(
+        selective_scan_fn=ssi.selective_scan_ref, mamba_inner_fn=ssi.mamba_inner_ref,
+        selective_state_update=ssu.selective_state_update_ref, mamba_chunk_scan_combined=mamba_ssm_cpu.chunk_scan,
+        causal_conv1d_fn=_causal_conv1d_ref, causal_conv1d_update=_causal_conv1d_update_double,
+    )
+    monkeypatch.setattr(ssm_ops, "_kernels_for", lambda t: None if ssm_ops._forced_reference() else fake)
+    return fake
+
+
+@pytest.mark.parametrize("arch", [ARCH, MAMBA2_ARCH])
+def test_kernel_path_plumbing_on_cpu(simulated_kernels, arch):
+    torch.manual_seed(0)
+    model = arch.model_cls(arch.config("tiny", **({"chunk_size": 16} if arch is MAMBA2_ARCH else {})))
+    x = torch.randint(0, 512, (2, 60))
+
+    def run():
+        model.zero_grad()
+        logits = model(x)
+        backends = [model.last_backend]
+        logits.logsumexp(-1).mean().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        with torch.no_grad():
+            cache = model.allocate_cache(2, 60)
+            parts = [model.step(x[:, :30], cache)]
+            backends.append(model.last_backend)
+            parts += [model.step(x[:, t:t + 1], cache) for t in range(30, 40)]
+            backends.append(model.last_backend)
+            parts.append(model.step(x[:, 40:], cache))  # warm prefill (Mamba-1's kernel cannot start from a state)
+        return logits.detach(), grads, torch.cat(parts, 1), cache, backends
+
+    logits, grads, decoded, cache, backends = run()
+    assert backends == [ssm_ops.MAMBA_SSM] * 3  # forward, cold prefill, decode
+    with ssm_ops.use_reference():
+        ref_logits, ref_grads, ref_decoded, ref_cache, ref_backends = run()
+    assert ref_backends == [ssm_ops.REFERENCE] * 3
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decoded, ref_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ref_decoded, ref_logits, rtol=1e-4, atol=1e-4)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
+    for a, b in zip(cache.ssm_states + cache.conv_states, ref_cache.ssm_states + ref_cache.conv_states):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 # ==========================================================================================================
 # 4. kernels vs reference on CUDA (bf16)
 # ==========================================================================================================
-gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_MAMBA_SSM), reason="needs CUDA and mamba-ssm's kernels")
+def _rel_err(a, b):
+    """Norm-relative error: bf16 kernels and the fp32-internal reference differ by rounding, elementwise
+    tolerances are brittle near zero."""
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
 
 
-@gpu
+def needs_kernels(fn):
+    """The project's ``gpu`` marker, plus a skip without CUDA or without mamba-ssm installed."""
+    skip = pytest.mark.skipif(not (HAS_CUDA and HAS_MAMBA_SSM), reason="needs CUDA and mamba-ssm's kernels")
+    return pytest.mark.gpu(skip(fn))
+
+
+@needs_kernels
 def test_kernel_selective_scan_matches_reference():
     k = ssm_ops.kernels()
     if k.selective_scan_fn is None:
@@ -496,14 +616,13 @@ def test_kernel_selective_scan_matches_reference():
                                   delta_softplus=True, return_last_state=True)
     assert ssm_ops.last_backend() == ssm_ops.MAMBA_SSM
     with ssm_ops.use_reference():
-        y_ref, h_ref = ssm_ops.selective_scan(bf(u), bf(delta), A, bf(B), bf(C), D, z=bf(z), delta_bias=delta_bias,
-                                              delta_softplus=True, return_last_state=True)
+        y_ref, h_ref = ssm_ops.selective_scan(bf(u), bf(delta), A, bf(B), bf(C), D, z=bf(z),
+                                              delta_bias=delta_bias, delta_softplus=True, return_last_state=True)
     assert ssm_ops.last_backend() == ssm_ops.REFERENCE
-    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(h.float(), h_ref.float(), rtol=2e-2, atol=2e-2)
+    assert _rel_err(y, y_ref) < 1e-2 and _rel_err(h, h_ref) < 1e-2
 
 
-@gpu
+@needs_kernels
 def test_kernel_ssd_matches_reference():
     k = ssm_ops.kernels()
     if k.mamba_chunk_scan_combined is None:
@@ -512,18 +631,18 @@ def test_kernel_ssd_matches_reference():
     b, L, h, p, n = 2, 300, 8, 64, 128
     x, dt = torch.randn(b, L, h, p, generator=g), torch.randn(b, L, h, generator=g) - 2
     A, D, dt_bias = -torch.exp(torch.rand(h, generator=g)), torch.ones(h), torch.zeros(h)
-    B, C, h0 = torch.randn(b, L, 1, n, generator=g), torch.randn(b, L, 1, n, generator=g), torch.randn(b, h, p, n, generator=g)
+    B, C = torch.randn(b, L, 1, n, generator=g), torch.randn(b, L, 1, n, generator=g)
+    h0 = torch.randn(b, h, p, n, generator=g)
     x, dt, A, D, dt_bias, B, C, h0 = (t.cuda() for t in (x, dt, A, D, dt_bias, B, C, h0))
     kw = dict(D=D, dt_bias=dt_bias, dt_softplus=True, initial_states=h0, return_final_states=True)
     y, s = ssm_ops.ssd_scan(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), 64, **kw)
     assert ssm_ops.last_backend() == ssm_ops.MAMBA_SSM
     with ssm_ops.use_reference():
         y_ref, s_ref = ssm_ops.ssd_scan(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), 64, **kw)
-    torch.testing.assert_close(y.float(), y_ref.float(), rtol=3e-2, atol=3e-2)
-    torch.testing.assert_close(s.float(), s_ref.float(), rtol=3e-2, atol=3e-2)
+    assert _rel_err(y, y_ref) < 2e-2 and _rel_err(s, s_ref) < 2e-2  # the kernel rounds C.B^T to bf16 inside
 
 
-@gpu
+@needs_kernels
 @pytest.mark.parametrize("arch", [ARCH, MAMBA2_ARCH])
 def test_kernel_model_matches_reference_bf16(arch):
     torch.manual_seed(0)
@@ -540,12 +659,11 @@ def test_kernel_model_matches_reference_bf16(arch):
         # kernels in decode: prefill + single steps against the kernel forward
         cache = model.allocate_cache(2, 200)
         parts = [model.step(x[:, :150], cache)] + [model.step(x[:, t:t + 1], cache) for t in range(150, 160)]
-    scale = ref.abs().mean()
-    assert (fast - ref).abs().mean() / scale < 2e-2
-    assert (torch.cat(parts, 1).float() - fast[:, :160]).abs().mean() / scale < 2e-2
+    assert _rel_err(fast, ref) < 2e-2
+    assert _rel_err(torch.cat(parts, 1), fast[:, :160]) < 2e-2
 
 
-@gpu
+@needs_kernels
 @pytest.mark.parametrize("arch", [ARCH, MAMBA2_ARCH])
 def test_kernel_backward_matches_reference(arch):
     torch.manual_seed(0)
@@ -562,4 +680,4 @@ def test_kernel_backward_matches_reference(arch):
     fast = grads()
     with ssm_ops.use_reference():
         ref = grads()
-    assert (fast - ref).norm() / ref.norm() < 1e-2
+    assert _rel_err(fast, ref) < 1e-2
