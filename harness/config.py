@@ -101,6 +101,7 @@ class TrainConfig:
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     precision: str = "auto"             # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
+    parallel: str = "auto"              # under torchrun: auto (= ddp) | ddp | fsdp (FSDP2 fully_shard per block)
     eval_every: int = 50                # steps; the final step is always evaluated
     eval_batches: int = 20              # validation batches per evaluation (None-like 0: the whole split)
     log_every: int = 10
@@ -122,6 +123,8 @@ class TrainConfig:
         mb = self.micro_batch_size or self.batch_size
         if mb <= 0 or self.batch_size % mb:
             raise ConfigError(f"{p}micro_batch_size: {mb} must be > 0 and divide batch_size {self.batch_size}")
+        if self.parallel not in ("auto", "ddp", "fsdp"):
+            raise ConfigError(f"{p}parallel: {self.parallel!r} is not one of auto, ddp, fsdp")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"{p}precision: {self.precision!r} is not one of auto, fp32, bf16")
         if not self.optim.lr > 0:

@@ -42,7 +42,7 @@ class Cell:
     @property
     def config_hash(self) -> str:
         cfg = asdict(self.config)
-        for volatile in ("progress", "device"):  # how to run, not what to run
+        for volatile in ("progress", "device", "parallel"):  # how to run, not what to run
             cfg.pop(volatile, None)
         return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -152,8 +152,10 @@ def cell_status(root: Path, cell: Cell) -> str:
 
 
 def run_matrix(matrix: Matrix, root: str | Path = store.DEFAULT_ROOT, force: bool = False,
-               log=print) -> list[dict[str, Any]]:
-    """Train every cell not already complete; returns the records (complete, resumed, or failed)."""
+               log=print, nproc: int = 1) -> list[dict[str, Any]]:
+    """Train every cell not already complete; returns the records (complete, resumed, or failed).
+    ``nproc`` > 1 trains each cell data-parallel under torchrun."""
+    from .train.launch import train_distributed
     from .train.loop import train
 
     root = Path(root)
@@ -176,7 +178,11 @@ def run_matrix(matrix: Matrix, root: str | Path = store.DEFAULT_ROOT, force: boo
                 "versions": store.library_versions()}
         t0 = time.time()
         try:
-            summary = train(cell.config, directory, resume=not force)
+            if nproc > 1:
+                summary = train_distributed(cell.config, directory, nproc, resume=not force,
+                                            log_path=directory / "torchrun.log")
+            else:
+                summary = train(cell.config, directory, resume=not force)
         except KeyboardInterrupt:
             store.write_record(directory, {**base, "status": "interrupted", "started_at": t0})
             raise

@@ -78,6 +78,10 @@ class CausalLM(nn.Module):
         """Parameters that 'non-embedding' counts leave out: token (and position) embeddings, untied head."""
         raise NotImplementedError
 
+    def block_modules(self) -> list[nn.Module]:
+        """The repeated residual blocks, in order: the units FSDP shards (and growth stacks) one by one."""
+        raise NotImplementedError
+
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:

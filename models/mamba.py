@@ -543,6 +543,9 @@ class _SSMLM(CausalLM):
     def embedding_parameters(self) -> list[nn.Parameter]:
         return [self.backbone.embedding.weight]  # lm_head is the same tensor
 
+    def block_modules(self) -> list[nn.Module]:
+        return list(self.backbone.layers)
+
     def _logits(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """(B, T, d) -> (B, T, vocab_size). The embedding's padding rows (50277 -> 50280) exist only so that
         checkpoints load; no token maps to them, so the head scores the real vocabulary only (the interface's

@@ -29,7 +29,6 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 REFERENCE = "torch_reference"
 MAMBA_SSM = "mamba_ssm"
@@ -251,37 +250,201 @@ def causal_conv1d_step(
 # ----------------------------------------------------------------------------------------------------------
 # Mamba-1 selective scan
 # ----------------------------------------------------------------------------------------------------------
-def _shift_right(t: torch.Tensor, k: int, fill: float) -> torch.Tensor:
-    """t (..., L, N) shifted by k along L, the first k slots filled with ``fill`` (the scan's identity)."""
-    return F.pad(t[..., :-k, :], (0, 0, k, 0), value=fill)
+# Why the reference scan looks the way it does (CPU training speed). The recurrence lives on (B, D, L, N)
+# tensors -- N = d_state times bigger than the layer's activations -- so each elementwise pass over them costs
+# about as much memory traffic as a layer's matmuls at the small presets, and the pass count is the cost:
+#  * an in-place odd/even scan (``_scan_`` / ``_rscan_``): O(1) passes per element instead of the O(log chunk)
+#    of Hillis-Steele doubling, no padded / shifted copies, no temporaries;
+#  * a custom autograd.Function (``_SelectiveScanFn``) with a hand-written backward instead of autograd through
+#    the scan (which saved ~2 log2(chunk) chunk-sized tensors per chunk, so it needed checkpointing, i.e. a
+#    second forward plus autograd's own backward): the forward keeps only the state entering each chunk,
+#    the backward recomputes one chunk's states at a time and runs the adjoint recurrence over it;
+#  * two / three chunk-sized scratch buffers allocated once per call and reused by every chunk.
+# Everything stays elementwise (products and sums, never a matmul / einsum), so FlopCounterMode sees none of
+# it and MambaConfig.uncounted_flops_per_token adds it by hand, as before.
 
 
-def _chunk_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    """All states of h_t = a_t * h_{t-1} + b_t over one chunk. a, b (B, D, Lc, N); h0 (B, D, N) -> (B, D, Lc, N).
+def _scan_(a: torch.Tensor, b: torch.Tensor) -> None:
+    """In place along dim -2: b_t <- h_t of h_t = a_t * h_{t-1} + b_t, with h_0 = b_0. a, b (..., n, N).
 
-    Hillis-Steele doubling on the affine maps h -> a*h + b: after the step with offset k every position holds
-    the composition of the (up to) 2k maps ending at it. log2(Lc) steps of elementwise work, no division and
-    no exp of a cumulative sum, so it is as stable as the sequential recurrence (decays only ever multiply).
+    Fold an initial state into b_0 first (b_0 += a_0 * h_init): a_0 itself is never read. ``a`` is clobbered at
+    odd positions >= 3 (its even positions and a_1 are left as they were).
+
+    Odd/even reduction (Brent-Kung style): fold each pair (2j, 2j+1) into its odd position -- a recurrence of
+    the same form, half as long, over the odd positions, solved recursively on strided views -- then finish
+    every even position from the odd one before it. ~3 elementwise ops on n/2 + n/4 + ... positions: O(n) work,
+    where Hillis-Steele doubling does O(n log n); still log2(n) levels, never a loop over positions. No op
+    writes a position it reads (odd vs even slots), so the in-place updates are safe. Only products of decays
+    and sums, never a division or an exp of a cumulative sum: as stable as the sequential recurrence.
     """
-    k = 1
-    length = a.shape[-2]
-    while k < length:
-        # compose (a_prev, b_prev) then (a, b):  h -> a*(a_prev*h + b_prev) + b
-        b = a * _shift_right(b, k, 0.0) + b
-        a = a * _shift_right(a, k, 1.0)
-        k *= 2
-    return a * h0.unsqueeze(-2) + b
+    n = b.shape[-2]
+    if n < 2:
+        return
+    k = n // 2
+    odd_a, odd_b = a[..., 1:2 * k:2, :], b[..., 1:2 * k:2, :]  # positions 1, 3, ..., 2k-1
+    # pair (2j, 2j+1) composed: h_{2j+1} = (a_{2j+1} a_{2j}) h_{2j-1} + (a_{2j+1} b_{2j} + b_{2j+1})
+    odd_b.addcmul_(odd_a, b[..., 0:2 * k:2, :])
+    if k > 1:
+        a[..., 3:2 * k:2, :].mul_(a[..., 2:2 * k - 1:2, :])  # (the pair's decay is not needed for j = 0)
+        _scan_(odd_a, odd_b)  # odd positions now hold their final h
+    if n > 2:
+        b[..., 2::2, :].addcmul_(a[..., 2::2, :], b[..., 1:n - 1:2, :])  # h_{2j} = a_{2j} h_{2j-1} + b_{2j}
+
+
+def _rscan_(m: torch.Tensor, g: torch.Tensor) -> None:
+    """In place along dim -2, backward in time: g_t <- G_t = m_t * G_{t+1} + g_t, G_{n-1} = g_{n-1}.
+
+    m (..., n-1, N), g (..., n, N): m_t carries G_{t+1} to t (the adjoint of the scan: m_t = a_{t+1}). The
+    mirror image of ``_scan_``, pairs (t, t+1) taken from the end; m is clobbered at some of the pairs' first
+    positions, never at m_0 when n is odd.
+    """
+    n = g.shape[-2]
+    if n < 2:
+        return
+    k = n // 2
+    s = n - 2 * k  # 1 when n is odd: position 0 is left unpaired
+    lo_g = g[..., s:n - 1:2, :]  # positions s, s+2, ..., n-2: each pair's first
+    lo_g.addcmul_(m[..., s:n - 1:2, :], g[..., s + 1::2, :])  # G_t = m_t g_{t+1} + g_t, then m_t m_{t+1} G_{t+2}
+    if k > 1:
+        m_lo = m[..., s:n - 3:2, :]
+        m_lo.mul_(m[..., s + 1:n - 2:2, :])  # the pair's carry from G_{t+2} (the last pair has none)
+        _rscan_(m_lo, lo_g)  # pairs' first positions now hold their final G
+    if n > 2:
+        g[..., s + 1:n - 2:2, :].addcmul_(m[..., s + 1:n - 2:2, :], g[..., s + 2:n - 1:2, :])  # second positions
+    if s:
+        g[..., 0, :].addcmul_(m[..., 0, :], g[..., 1, :])
+
+
+def _chunk_states_(a, h, delta, du, A, Bt, h0) -> None:
+    """Fill a with exp(delta A) and h with the chunk's states (a is clobbered by the scan).
+
+    a, h (B, D, Lc, N) buffers; delta, du (B, D, Lc); A (D, N); Bt (B, Lc, N); h0 (B, D, N) the entering state.
+    """
+    torch.mul(delta[..., None], A[:, None, :], out=a)
+    a.exp_()  # discretised A (zero-order hold)
+    torch.mul(du[..., None], Bt[:, None], out=h)  # Euler-discretised B times u
+    h[..., 0, :].addcmul_(a[..., 0, :], h0)  # fold the entering state into the first step
+    _scan_(a, h)
 
 
 def _scan_chunk(delta, du, A, B, C, h0):
-    """One chunk. delta, du (B, D, Lc); A (D, N); B, C (B, N, Lc); h0 (B, D, N) -> y (B, D, Lc), h_last (B, D, N)."""
-    a = torch.exp(delta[..., None] * A[:, None, :])  # (B, D, Lc, N)  discretised A (zero-order hold)
-    b = du[..., None] * B[:, None].transpose(-1, -2)  # (B, D, Lc, N)  Euler-discretised B times u
-    hs = _chunk_scan(a, b, h0)  # (B, D, Lc, N)
-    # y_t = <h_t, C_t>: an elementwise product + sum on purpose (not a matmul) -- the scan's FLOPs are then all
-    # invisible to FlopCounterMode and added back by hand (MambaConfig.uncounted_flops_per_token)
-    y = (hs * C[:, None].transpose(-1, -2)).sum(-1)  # (B, D, Lc)
-    return y, hs[:, :, -1]
+    """One chunk. delta, du (B, D, Lc); A (D, N); B, C (B, N, Lc); h0 (B, D, N) -> y (B, D, Lc), h_last (B, D, N).
+
+    Not differentiable (no autograd through it; ``_SelectiveScanFn`` is the differentiable path).
+    """
+    shape = (*delta.shape, A.shape[-1])  # (B, D, Lc, N)
+    a, h = delta.new_empty(shape), delta.new_empty(shape)
+    with torch.no_grad():
+        _chunk_states_(a, h, delta, du, A, B.transpose(-1, -2), h0)
+        # y_t = <h_t, C_t>: an elementwise product + sum on purpose (not a matmul) -- the scan's FLOPs are then
+        # all invisible to FlopCounterMode and added back by hand (MambaConfig.uncounted_flops_per_token)
+        y = torch.mul(h, C.transpose(-1, -2)[:, None], out=a).sum(-1)  # (B, D, Lc)
+    return y, h[:, :, -1].clone()
+
+
+def _as(buf: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A contiguous (B, D, Lc, N) view at the start of a flat buffer (the last chunk may be shorter)."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    return buf[:numel].view(shape)
+
+
+def _scan_forward(delta, du, A, Bt, Ct, h0, chunk_size, starts=None):
+    """The whole scan, chunk by chunk. delta, du (B, D, L); A (D, N); Bt, Ct (B, L, N) contiguous; h0 (B, D, N).
+
+    Returns y (B, D, L), h_last (B, D, N). ``starts`` (n_chunks, B, D, N), when given, receives the state
+    entering each chunk (all the backward needs to recompute any chunk on its own).
+    """
+    batch, dim, seqlen = delta.shape
+    n = A.shape[-1]
+    y = delta.new_empty(batch, dim, seqlen)
+    buf = delta.new_empty(2, batch * dim * min(chunk_size, seqlen) * n)  # flat scratch: a, states
+    h = h0
+    for c, s in enumerate(range(0, seqlen, chunk_size)):
+        e = min(s + chunk_size, seqlen)
+        a, hs = _as(buf[0], (batch, dim, e - s, n)), _as(buf[1], (batch, dim, e - s, n))
+        if starts is not None:
+            starts[c] = h
+        _chunk_states_(a, hs, delta[:, :, s:e], du[:, :, s:e], A, Bt[:, s:e], h)
+        h = hs[:, :, -1].clone()  # (B, D, N); the buffers are reused by the next chunk
+        # y_t = <h_t, C_t>: an elementwise product + sum on purpose (not a matmul) -- the scan's FLOPs are then
+        # all invisible to FlopCounterMode and added back by hand (MambaConfig.uncounted_flops_per_token)
+        y[:, :, s:e] = torch.mul(hs, Ct[:, None, s:e], out=a).sum(-1)
+    return y, (h.clone() if h is h0 else h)
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    """h_t = exp(delta_t A) h_{t-1} + du_t B_t, y_t = <h_t, C_t>, with a hand-written chunked backward.
+
+    Inputs delta, du (B, D, L); A (D, N); Bt, Ct (B, L, N); h0 (B, D, N); chunk_size. Outputs y (B, D, L) and
+    h_last (B, D, N). Saved for backward: the inputs and the state entering each chunk (n_chunks, B, D, N) --
+    nothing of size (B, D, L, N); the backward materialises one chunk at a time, (B, D, chunk, N) x 3.
+
+    Backward, per chunk in reverse order (a_t = exp(delta_t A), h_{-1} the entering state):
+        g_t  = dL/dh_t = dy_t C_t + a_{t+1} g_{t+1}        (adjoint recurrence: the scan backward in time; the
+                                                            carry into the chunk's last step is a_{Lc} g_{Lc}
+                                                            from the next chunk, or dL/dh_last)
+        dC_t = sum_d dy_t h_t      d(du)_t = sum_n g_t B_t      dB_t = sum_d g_t du_t
+        w_t  = g_t a_t h_{t-1}  (= dL/d(delta_t A)):  d(delta)_t = sum_n w_t A    dA = sum_{b,t} w_t delta_t
+        dh0  = a_0 g_0 of the first chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, delta, du, A, Bt, Ct, h0, chunk_size):
+        delta, du, A, Bt, Ct = (t.contiguous() for t in (delta, du, A, Bt, Ct))
+        batch, dim, seqlen = delta.shape
+        n_chunks = -(-seqlen // chunk_size)
+        starts = delta.new_empty(n_chunks, batch, dim, A.shape[-1])  # state entering each chunk
+        y, h_last = _scan_forward(delta, du, A, Bt, Ct, h0, chunk_size, starts=starts)
+        ctx.save_for_backward(delta, du, A, Bt, Ct, starts)
+        ctx.chunk_size = chunk_size
+        return y, h_last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dh_last):
+        delta, du, A, Bt, Ct, starts = ctx.saved_tensors
+        chunk_size = ctx.chunk_size
+        batch, dim, seqlen = delta.shape
+        n = A.shape[-1]
+        dy = dy.contiguous()
+        d_delta, d_du = torch.empty_like(delta), torch.empty_like(du)
+        dA = torch.zeros_like(A)
+        dBt, dCt = torch.empty_like(Bt), torch.empty_like(Ct)
+        g_carry = dh_last  # dL/dh at the end of the chunk being processed, from everything after it
+        buf = delta.new_empty(3, batch * dim * min(chunk_size, seqlen) * n)  # flat scratch: a, h / g, w
+        for c in reversed(range(starts.shape[0])):
+            s = c * chunk_size
+            e = min(s + chunk_size, seqlen)
+            shape = (batch, dim, e - s, n)
+            a, h, w = _as(buf[0], shape), _as(buf[1], shape), _as(buf[2], shape)
+            h_in, delta_c, du_c, dy_c = starts[c], delta[:, :, s:e], du[:, :, s:e], dy[:, :, s:e]
+            Bt_c, Ct_c = Bt[:, None, s:e], Ct[:, None, s:e]  # (B, 1, Lc, N)
+            # recompute the chunk: a = exp(delta A) kept intact (the scan clobbers a copy), h = states
+            torch.mul(delta_c[..., None], A[:, None, :], out=a)
+            a.exp_()
+            torch.mul(du_c[..., None], Bt_c, out=h)
+            h[..., 0, :].addcmul_(a[..., 0, :], h_in)
+            w.copy_(a)
+            _scan_(w, h)
+            # w = a_t h_{t-1} (the decayed previous state), before h is consumed
+            torch.mul(a[..., 1:, :], h[..., :-1, :], out=w[..., 1:, :])
+            torch.mul(a[..., 0, :], h_in, out=w[..., 0, :])
+            # dC_t = sum_d dy_t h_t
+            dCt[:, s:e] = h.mul_(dy_c[..., None]).sum(1)
+            # adjoint recurrence into h's buffer: g_t = dy_t C_t (+ the carry at the last step) + a_{t+1} g_{t+1}
+            g = torch.mul(dy_c[..., None], Ct_c, out=h)
+            g[..., -1, :].add_(g_carry)
+            _rscan_(a[..., 1:, :], g)  # clobbers a_1.. (a_0 stays for the carry)
+            g_carry = a[..., 0, :] * g[..., 0, :]  # dL/dh entering this chunk = dL/dh_last of the previous one
+            d_du[:, :, s:e] = torch.mul(g, Bt_c, out=a).sum(-1)
+            dBt[:, s:e] = torch.mul(g, du_c[..., None], out=a).sum(1)
+            w.mul_(g)  # dL/d(delta_t A), elementwise
+            d_delta[:, :, s:e] = torch.mul(w, A[:, None, :], out=a).sum(-1)
+            dA += torch.mul(w, delta_c[..., None], out=a).sum((0, 2))
+        dh0 = g_carry if ctx.needs_input_grad[5] else None
+        return d_delta, d_du, dA, dBt, dCt, dh0, None
 
 
 def selective_scan_ref(
@@ -304,7 +467,8 @@ def selective_scan_ref(
         h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t        h: (B, D, N), fp32
         y_t = <h_t, C_t> + D * u_t;  y *= silu(z)
     The sequence is cut into chunks of ``chunk_size``: inside a chunk the recurrence is a log-depth scan,
-    across chunks the last state is carried. Only (B, D, chunk, N) is ever materialised, never (B, D, L, N).
+    across chunks the last state is carried. Only (B, D, chunk, N) is ever materialised, never (B, D, L, N);
+    under autograd the states entering each chunk, (L / chunk, B, D, N), are what is kept for backward.
     Returns y (B, D, L) in u's dtype [, last state (B, D, N) fp32].
     """
     dtype_in = u.dtype
@@ -321,22 +485,12 @@ def selective_scan_ref(
         else u.new_zeros(batch, dim, A.shape[-1])
     )  # (B, D, N)
     du = delta * u  # (B, D, L)
-    # Under autograd each chunk is checkpointed: the doubling scan keeps ~2 log2(chunk) (B, D, chunk, N)
-    # tensors alive for backward, i.e. ~30x the chunk's inputs (gigabytes per layer at 100M+ scale); recomputing
-    # the chunk in backward costs elementwise work only (no matmul, so FLOP counts are unaffected).
-    checkpoint = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, initial_state)
-    )
-    ys = []
-    for s in range(0, seqlen, chunk_size):
-        e = min(s + chunk_size, seqlen)
-        args = (delta[:, :, s:e], du[:, :, s:e], A, B[:, :, s:e], C[:, :, s:e], h)
-        if checkpoint:
-            y_c, h = torch.utils.checkpoint.checkpoint(_scan_chunk, *args, use_reentrant=False)
-        else:
-            y_c, h = _scan_chunk(*args)
-        ys.append(y_c)
-    y = torch.cat(ys, dim=-1) if ys else u.new_zeros(batch, dim, 0)
+    Bt, Ct = B.transpose(1, 2), C.transpose(1, 2)  # (B, L, N): the chunks' (Lc, N) slabs contiguous
+    chunk_size = max(1, min(chunk_size, seqlen))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (du, delta, A, B, C, h)):
+        y, h = _SelectiveScanFn.apply(delta, du, A, Bt, Ct, h, chunk_size)
+    else:
+        y, h = _scan_forward(delta, du, A, Bt.contiguous(), Ct.contiguous(), h, chunk_size)
     if D is not None:
         y = y + u * D.float()[:, None]
     if z is not None:

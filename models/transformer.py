@@ -215,6 +215,9 @@ class Transformer(CausalLM):
             params.append(self.lm_head.weight)
         return params
 
+    def block_modules(self) -> list[nn.Module]:
+        return list(self.blocks)
+
     def _run(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0

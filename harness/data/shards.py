@@ -292,11 +292,14 @@ class Batcher:
         return out
 
     def get_batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``rank::world_size`` of global batch ``step`` (all of it by default), on the CPU."""
-        if not 0 <= rank < world_size <= self.batch_size:
-            raise DataError(f"need 0 <= rank < world_size <= batch_size, got rank={rank}, world_size={world_size}, "
-                            f"batch_size={self.batch_size}")
-        return _rows(self.tokens, self.starts(step)[rank::world_size], self.seq_len + 1)
+        """Rank ``rank``'s contiguous block of ``batch_size / world_size`` rows of global batch ``step`` (all of it by
+        default), on the CPU. Contiguous blocks, so that one process accumulating micro-batches of that size
+        sums exactly the groups the ranks all-reduce: data-parallel and single-process runs then agree to the bit."""
+        if not 0 <= rank < world_size <= self.batch_size or self.batch_size % world_size:
+            raise DataError(f"need 0 <= rank < world_size and world_size dividing batch_size, got rank={rank}, "
+                            f"world_size={world_size}, batch_size={self.batch_size}")
+        per = self.batch_size // world_size
+        return _rows(self.tokens, self.starts(step)[rank * per:(rank + 1) * per], self.seq_len + 1)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches from ``self.step`` on; the step advances as each batch is handed out, so ``state_dict()``
@@ -323,8 +326,8 @@ class ValBatches:
     """The validation split in order as non-overlapping windows (window ``k`` = tokens ``[k·L, k·L + L]``, so
     every token after the first is predicted exactly once), ``batch_size`` windows per batch, the last batch
     possibly smaller. ``n_tokens`` is how many targets a full pass scores (``len(self)`` batches); with
-    ``rank``/``world_size`` each rank gets rows ``rank::world_size`` of each batch and ``n_tokens`` stays the
-    all-ranks total."""
+    ``rank``/``world_size`` each rank gets its contiguous block of each batch (``np.array_split``; a short last
+    batch may leave a rank none) and ``n_tokens`` stays the all-ranks total."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None,
                  rank: int = 0, world_size: int = 1):
@@ -350,7 +353,7 @@ class ValBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for b in range(self.n_batches):
             k = np.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.windows), dtype=np.int64)
-            yield _rows(self.tokens, k[self.rank::self.world_size] * self.seq_len, self.seq_len + 1)
+            yield _rows(self.tokens, np.array_split(k, self.world_size)[self.rank] * self.seq_len, self.seq_len + 1)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 
@@ -61,27 +61,55 @@ def _json_safe(value):
     return value
 
 
+def _aliases(model: torch.nn.Module) -> dict[str, str]:
+    """Tied parameters: alias name -> the name stored (safetensors keeps one copy of a shared tensor)."""
+    from .distributed import unwrap
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in unwrap(model).named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
 def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    state: dict[str, Any]) -> Path:
-    """Atomically write a checkpoint directory at ``path`` (replacing an older one)."""
+                    state: dict[str, Any], is_main: bool = True) -> Path:
+    """Atomically write a checkpoint directory at ``path`` (replacing an older one).
+
+    The model may be plain, DDP- or FSDP2-wrapped: its full (consolidated) state dict and the optimizer's,
+    keyed by parameter name, are gathered from every rank (all ranks must call this) and written by rank 0
+    alone, so a checkpoint resumes on any world size."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model_sd = get_model_state_dict(model, options=_full_options(cpu_offload=True))
+    optim_sd = (get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
+                if optimizer is not None else {"state": {}, "param_groups": []})
     path = Path(path)
+    if not is_main:
+        return path
+    aliases = _aliases(model)
+    tensors = {k: v.detach().contiguous() for k, v in model_sd.items() if k not in aliases}
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"aliases": json.dumps(aliases)})
     opt_tensors, opt_plain = {}, {"state": {}, "param_groups": []}
-    if optimizer is not None:
-        sd = optimizer.state_dict()
-        for idx, entry in sd["state"].items():
-            for key, value in entry.items():
-                if isinstance(value, torch.Tensor) and value.ndim > 0:
-                    opt_tensors[f"{idx}.{key}"] = value.detach().contiguous()
-                elif isinstance(value, torch.Tensor):  # 0-dim (AdamW's step): keep dtype and value exactly
-                    opt_tensors[f"{idx}.{key}"] = value.detach().reshape(1)
-                    opt_plain["state"].setdefault(str(idx), {})[key] = "scalar_tensor"
-                else:
-                    opt_plain["state"].setdefault(str(idx), {})[key] = value
-        opt_plain["param_groups"] = [{k: _json_safe(v) for k, v in g.items()} for g in sd["param_groups"]]
+    for fqn, entry in optim_sd["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                # 0-dim tensors (AdamW's step) are stored as shape (1,) and restored to 0-dim
+                opt_tensors[f"{fqn}/{key}"] = value.detach().reshape(-1) if value.ndim == 0 else value.detach().contiguous()
+                opt_plain["state"].setdefault(fqn, {})[key] = "scalar_tensor" if value.ndim == 0 else "tensor"
+            else:
+                opt_plain["state"].setdefault(fqn, {})[key] = value
+    opt_plain["param_groups"] = [{k: _json_safe(v) for k, v in g.items()} for g in optim_sd["param_groups"]]
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng_tensors, rng_plain = _rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
@@ -106,36 +134,64 @@ def read_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path / 'state.json'}: unreadable ({e})") from None
 
 
+def read_model_tensors(path: str | Path, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint as a full state dict (tied aliases restored)."""
+    file = Path(path) / "model.safetensors"
+    try:
+        tensors = load_file(str(file))
+        from safetensors import safe_open
+        with safe_open(str(file), "pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    except Exception as e:  # safetensors raises several types for corrupt files
+        raise CheckpointError(f"{file}: unreadable ({e})") from None
+    for alias, name in aliases.items():
+        tensors[alias] = tensors[name]
+    return tensors
+
+
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    restore_rng: bool = True) -> dict[str, Any]:
-    """Load weights (strict), optimizer state and RNG states; returns the JSON state (step, data position...)."""
+                    restore_rng: bool = True, distributed: bool = False, is_main: bool = True) -> dict[str, Any]:
+    """Load weights (strict), optimizer state and RNG states into a plain, DDP or FSDP2 model; returns the
+    JSON state (step, data position...). With ``distributed``, rank 0 reads the files and broadcasts."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
     path = Path(path)
     state = read_state(path)
-    try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    except Exception as e:  # safetensors raises several types for corrupt files
-        raise CheckpointError(f"{path / 'model.safetensors'}: unreadable ({e})") from None
-    if missing or unexpected:
-        raise CheckpointError(f"{path / 'model.safetensors'}: does not fit this model "
-                              f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    model_sd: dict[str, torch.Tensor] = {}
+    optim_sd: dict[str, Any] = {"state": {}, "param_groups": []}
+    if is_main or not distributed:
+        model_sd = read_model_tensors(path)
+        expected = set(k for k in _unwrapped_state_keys(model))
+        missing, unexpected = sorted(expected - set(model_sd)), sorted(set(model_sd) - expected)
+        if missing or unexpected:
+            raise CheckpointError(f"{path / 'model.safetensors'}: does not fit this model "
+                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        if optimizer is not None:
+            tensors = load_file(str(path / "optimizer.safetensors"))
+            plain = state["optimizer"]
+            for fqn, entry in plain["state"].items():
+                for key, kind in entry.items():
+                    if kind == "scalar_tensor":
+                        value = tensors[f"{fqn}/{key}"].reshape(())
+                    elif kind == "tensor":
+                        value = tensors[f"{fqn}/{key}"]
+                    else:
+                        value = kind
+                    optim_sd["state"].setdefault(fqn, {})[key] = value
+            optim_sd["param_groups"] = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g
+                                        for g in plain["param_groups"]]
+    opts = _full_options(broadcast_from_rank0=True) if distributed else _full_options()
+    set_model_state_dict(model, model_sd, options=opts)
     if optimizer is not None:
-        tensors = load_file(str(path / "optimizer.safetensors"))
-        plain = state["optimizer"]
-        opt_state: dict[int, dict] = {}
-        for key, value in tensors.items():
-            idx, name = key.split(".", 1)
-            opt_state.setdefault(int(idx), {})[name] = value
-        for idx, entry in plain["state"].items():
-            for name, value in entry.items():
-                if value == "scalar_tensor":
-                    opt_state[int(idx)][name] = opt_state[int(idx)][name].reshape(())
-                else:
-                    opt_state.setdefault(int(idx), {})[name] = value
-        groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in plain["param_groups"]]
-        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    if restore_rng:
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+    if restore_rng and is_main:
         _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
     return state
+
+
+def _unwrapped_state_keys(model: torch.nn.Module) -> list[str]:
+    from .distributed import unwrap
+    return list(unwrap(model).state_dict().keys())
 
 
 def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):

@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import resource
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -27,8 +28,10 @@ from models import registry
 
 from .. import data as data_lib
 from ..config import ConfigError, TrainConfig
+from . import distributed
 from .checkpoint import load_checkpoint, read_state, save_checkpoint
-from .optim import build_optimizer, lr_at
+from .distributed import DistInfo, all_reduce_sum
+from .optim import build_optimizer, lr_at, no_decay_names
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
@@ -79,20 +82,31 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, seq_len: int, batch_size: int, max_batches: int, device, amp_dtype) -> dict:
-    """Mean next-token loss over the validation split (in order, non-overlapping windows)."""
+def evaluate(model, dataset, seq_len: int, batch_size: int, micro: int, max_batches: int, device, amp_dtype,
+             info: DistInfo = DistInfo()) -> dict:
+    """Mean next-token loss over the first ``max_batches`` global batches of ``batch_size`` windows of the
+    validation split (in order, non-overlapping; 0 = all of it), forwarded ``micro`` rows at a time. Under data
+    parallelism each rank scores its block of every global batch and the sums are all-reduced, so the number
+    is the same on any world size."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for x, y in dataset.val_batches(seq_len, batch_size, max_batches or None):
-        x, y = x.to(device), y.to(device)
-        with _autocast(device, amp_dtype):
-            logits = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
-        count += y.numel()
+    for x_all, y_all in dataset.val_batches(seq_len, batch_size, max_batches or None, info.rank, info.world_size):
+        for i in range(0, max(x_all.shape[0], 1), micro):
+            x, y = x_all[i:i + micro], y_all[i:i + micro]
+            empty = x.shape[0] == 0
+            if empty:  # a short last batch may leave a rank no rows; a sharded model still needs its forward
+                x, y = torch.zeros(1, seq_len, dtype=torch.long), torch.zeros(1, seq_len, dtype=torch.long)
+            x, y = x.to(device), y.to(device)
+            with _autocast(device, amp_dtype):
+                logits = model(x)
+            if not empty:
+                total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+                count += y.numel()
+    total, count = all_reduce_sum([total, float(count)], info, device)
     model.train(was_training)
     loss = total / max(count, 1)
-    return {"val_loss": loss, "val_tokens": count, "val_bpb": dataset.bits_per_byte(loss),
+    return {"val_loss": loss, "val_tokens": int(count), "val_bpb": dataset.bits_per_byte(loss),
             "val_ppl": math.exp(min(loss, 50.0))}
 
 
@@ -114,65 +128,96 @@ def environment() -> dict[str, Any]:
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, max_steps_this_run: int | None = None,
           on_log: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Train ``cfg`` into ``out_dir`` (metrics.jsonl, checkpoint/). Returns a summary of what was spent and
-    reached. ``max_steps_this_run`` stops early without a final checkpoint, as a killed run would."""
+    reached. ``max_steps_this_run`` stops early without a final checkpoint, as a killed run would.
+    Under torchrun it runs data-parallel (cfg.parallel); rank 0 alone writes."""
     cfg.validate()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    joined_here = not torch.distributed.is_initialized()
+    info, device_spec = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, Path(out_dir), resume, max_steps_this_run, on_log, info, device_spec)
+    finally:
+        if joined_here:
+            distributed.teardown(info)
+
+
+def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, device_spec) -> dict[str, Any]:
+    device = resolve_device(device_spec)
     amp_dtype = autocast_dtype(cfg, device)
+    mode = distributed.resolve_mode(cfg.parallel, info)
+    micro = cfg.micro_batch_size or cfg.batch_size // info.world_size
+    if cfg.batch_size % (micro * info.world_size):
+        raise ConfigError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {micro} x "
+                          f"{info.world_size} ranks")
+    rows = cfg.batch_size // info.world_size  # this rank's share of every global batch
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     dataset = data_lib.prepare_dataset(cfg.data)
     model_cfg, seq_len = build_model_config(cfg, dataset.tokenizer.vocab_size)
     torch.manual_seed(cfg.seed)
     model = registry.build_from_config(model_cfg, cfg.model, device=device)
     model.train()
-    optimizer = build_optimizer(model, cfg.optim, device)
+    exempt = no_decay_names(model, cfg.optim)
+    wrapped = distributed.wrap(model, mode, device, amp_dtype if mode == "fsdp" else None)
+    # named on the unwrapped module (DDP prefixes names with "module."); the same Parameter objects
+    optimizer = build_optimizer(distributed.unwrap(wrapped), cfg.optim, device, exempt)
+    if mode == "fsdp":
+        amp_dtype = None  # FSDP2's mixed-precision policy already computes in bf16
     flops_per_token = model.flops_per_token(seq_len)
     steps = total_steps(cfg, flops_per_token, seq_len)
     batcher = dataset.batcher(seq_len, cfg.batch_size, cfg.seed)
-    micro = cfg.micro_batch_size or cfg.batch_size
     tokens_per_step = cfg.batch_size * seq_len
 
     ckpt_dir = out_dir / CHECKPOINT_DIR
     metrics_path = out_dir / METRICS_FILE
     start_step, wall_before = 0, 0.0
     if resume and ckpt_dir.exists():
-        state = load_checkpoint(ckpt_dir, model, optimizer)
+        state = load_checkpoint(ckpt_dir, wrapped, optimizer, distributed=info.enabled, is_main=info.is_main)
         start_step, wall_before = state["step"], state.get("wall_time", 0.0)
-        _truncate_metrics(metrics_path, start_step)
-    elif metrics_path.exists():
+        if info.is_main:
+            _truncate_metrics(metrics_path, start_step)
+    elif info.is_main and metrics_path.exists():
         metrics_path.unlink()
+    distributed.barrier(info)
 
-    step_fn = torch.compile(model) if cfg.compile else model
-    writer = _tensorboard(out_dir) if cfg.tensorboard else None
+    step_fn = torch.compile(wrapped) if cfg.compile else wrapped
+    writer = _tensorboard(out_dir) if cfg.tensorboard and info.is_main else None
     summary: dict[str, Any] = {"params": model.num_params(), "non_embedding_params": model.num_params(True),
                                "flops_per_token": flops_per_token, "seq_len": seq_len, "total_steps": steps,
                                "tokens_per_step": tokens_per_step, "device": str(device),
-                               "precision": str(amp_dtype or torch.float32).replace("torch.", ""),
-                               "model_config": model_cfg.to_dict()}
+                               "precision": "bfloat16" if (amp_dtype or mode == "fsdp" and device.type == "cuda") else "float32",
+                               "world_size": info.world_size, "parallel": mode, "model_config": model_cfg.to_dict()}
     last_eval: dict[str, Any] = {}
     window_loss, window_n, window_t0, window_tokens = 0.0, 0, time.perf_counter(), 0
     run_t0 = time.perf_counter()
     end_step = steps if max_steps_this_run is None else min(steps, start_step + max_steps_this_run)
-    bar = _progress(cfg.progress, start_step, steps, f"{cfg.model}/{cfg.preset}")
+    bar = _progress(cfg.progress and info.is_main, start_step, steps, f"{cfg.model}/{cfg.preset}")
     train_loss, bar_rate = float("nan"), "-"
-    with open(metrics_path, "a") as metrics:
+    fault = _fault_injection(info)
+    metrics = open(metrics_path, "a") if info.is_main else None
+    try:
         for step in range(start_step, end_step):
+            if fault is not None and step + 1 == fault:
+                os.kill(os.getpid(), signal.SIGKILL)
             lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x_all, y_all = batcher.get_batch(step)
+            x_all, y_all = batcher.get_batch(step, info.rank, info.world_size)
             loss_sum = 0.0
-            for i in range(0, cfg.batch_size, micro):
+            for i in range(0, rows, micro):
                 x, y = x_all[i:i + micro].to(device), y_all[i:i + micro].to(device)
                 with _autocast(device, amp_dtype):
                     logits = step_fn(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) * (micro / cfg.batch_size)
+                # each micro-batch's share of this rank's mean; DDP / FSDP average the ranks' gradients
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) * (micro / rows)
                 loss.backward()
                 loss_sum += loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.optim.grad_clip)
+            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if info.enabled:
+                loss_sum = all_reduce_sum([loss_sum], info, device)[0] / info.world_size
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"loss became {loss_sum} at step {step + 1}")
             train_loss = loss_sum
@@ -186,11 +231,12 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, max_steps_
                           "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
                 window_loss, window_n, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
             if done % cfg.eval_every == 0 or done == steps:
-                last_eval = evaluate(model, dataset, seq_len, micro, cfg.eval_batches, device, amp_dtype)
+                last_eval = evaluate(wrapped, dataset, seq_len, cfg.batch_size, micro, cfg.eval_batches, device,
+                                     amp_dtype, info)
                 record = record or {"step": done, "tokens": done * tokens_per_step,
                                     "flops": done * tokens_per_step * flops_per_token}
                 record.update(last_eval)
-            if record is not None:
+            if record is not None and metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 if writer is not None:
@@ -205,13 +251,18 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, max_steps_
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=bar_rate, refresh=False)
             if done % cfg.checkpoint_every == 0 or done == steps:
-                save_checkpoint(ckpt_dir, model, optimizer, {
+                save_checkpoint(ckpt_dir, wrapped, optimizer, {
                     "step": done, "data_position": done, "wall_time": wall_before + time.perf_counter() - run_t0,
-                    "config": asdict(cfg), "model_name": cfg.model, "model_config": model_cfg.to_dict()})
-    if bar is not None:
-        bar.close()
-    if writer is not None:
-        writer.close()
+                    "world_size": info.world_size, "config": asdict(cfg), "model_name": cfg.model,
+                    "model_config": model_cfg.to_dict()}, is_main=info.is_main)
+                distributed.barrier(info)
+    finally:
+        if metrics is not None:
+            metrics.close()
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
     done = end_step
     wall = wall_before + time.perf_counter() - run_t0
     summary.update({"steps": done, "tokens": done * tokens_per_step, "flops": done * tokens_per_step * flops_per_token,
@@ -221,6 +272,16 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, max_steps_
                     "dataset": dataset.meta_summary(), "environment": environment()})
     summary.update({k: v for k, v in last_eval.items()})
     return summary
+
+
+def _fault_injection(info: DistInfo) -> int | None:
+    """HARNESS_FAULT_KILL=RANK:STEP makes that rank SIGKILL itself before STEP: how the tests show that a
+    dead rank ends the job with a clear error and leaves the last complete checkpoint usable."""
+    spec = os.environ.get("HARNESS_FAULT_KILL")
+    if not spec:
+        return None
+    rank, step = (int(v) for v in spec.split(":"))
+    return step if rank == info.rank else None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

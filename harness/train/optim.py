@@ -11,23 +11,35 @@ from ..config import OptimConfig, ScheduleConfig
 PATTENTION_TOKENS = ("key_param_tokens", "value_param_tokens")
 
 
-def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Decay every matrix (>= 2 dims); never norms, biases (1-dim) or parameters marked _no_weight_decay.
-    Pattention parameter tokens are matrices and decay unless cfg.decay_pattention_tokens is false."""
+def no_decay_names(model: nn.Module, cfg: OptimConfig) -> set[str]:
+    """Names of the parameters exempt from weight decay: norms and biases (< 2 dims), parameters a model marks
+    ``_no_weight_decay`` (Mamba's A_log, D), and Pattention tokens if cfg.decay_pattention_tokens is false.
+    Decided on the unwrapped model: FSDP2 replaces parameters and drops such attributes."""
+    names = set()
+    for name, p in model.named_parameters():
+        exempt = p.ndim < 2 or getattr(p, "_no_weight_decay", False)
+        if name.rsplit(".", 1)[-1] in PATTENTION_TOKENS and not cfg.decay_pattention_tokens:
+            exempt = True
+        if exempt:
+            names.add(name)
+    return names
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig, exempt: set[str] | None = None) -> list[dict]:
+    """Decay every matrix (>= 2 dims); never the parameters :func:`no_decay_names` lists."""
+    exempt = no_decay_names(model, cfg) if exempt is None else exempt
     decay, no_decay, seen = [], [], set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        exempt = p.ndim < 2 or getattr(p, "_no_weight_decay", False)
-        if name.rsplit(".", 1)[-1] in PATTENTION_TOKENS and not cfg.decay_pattention_tokens:
-            exempt = True
-        (no_decay if exempt else decay).append(p)
+        (no_decay if name in exempt else decay).append(p)
     return [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
+                    exempt: set[str] | None = None) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg, exempt), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              fused=device.type == "cuda")
 
 

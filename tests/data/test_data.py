@@ -121,13 +121,14 @@ def test_rank_slices_partition_the_global_batch(ds):
         x, y = b.get_batch(step)
         for world in (2, 3, 4):
             parts = [b.get_batch(step, rank, world) for rank in range(world)]
-            xs = torch.empty_like(x)
-            for rank, (xr, yr) in enumerate(parts):
-                assert torch.equal(yr, y[rank::world])
-                xs[rank::world] = xr
-            assert torch.equal(xs, x)
+            per = 12 // world
+            for rank, (xr, yr) in enumerate(parts):  # contiguous blocks, in rank order
+                assert torch.equal(yr, y[rank * per:(rank + 1) * per])
+            assert torch.equal(torch.cat([xr for xr, _ in parts]), x)
     with pytest.raises(DataError):
         b.get_batch(0, rank=2, world_size=2)
+    with pytest.raises(DataError):
+        b.get_batch(0, rank=0, world_size=5)  # 5 does not divide 12
 
 
 def test_iterator_state_dict_resumes_exactly(ds):
