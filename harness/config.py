@@ -108,6 +108,11 @@ class TrainConfig:
     checkpoint_every: int = 100         # steps; the final step is always checkpointed
     tensorboard: bool = False
     progress: bool = True
+    # lm-eval tasks run on the final checkpoint when a matrix cell completes (e.g. [paper] or [piqa, arc_easy]);
+    # they do not change training, so adding them to a finished matrix evaluates without retraining
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_limit: int | None = None
+    eval_bootstrap_iters: int = 1000
 
     def validate(self, path: str = "") -> "TrainConfig":
         p = f"{path}." if path else ""

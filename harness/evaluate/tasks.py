@@ -426,7 +426,7 @@ def resolve_tasks(tasks: str | Sequence[str], include_path: str | os.PathLike, o
                 continue
             try:
                 docs, info = heldout_documents(state)
-            except ValueError as e:  # DataError, ConfigError, EvalTaskError
+            except (ValueError, OSError) as e:  # DataError, ConfigError, EvalTaskError, a missing file
                 plan.skipped[name] = f"training corpus unavailable ({e})"
                 continue
             data = eval_cache_dir(cache_dir) / "heldout" / f"{info['key'] or 'unkeyed'}" / "validation.jsonl"

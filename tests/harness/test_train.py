@@ -138,3 +138,24 @@ def test_cli_train_bad_inputs(tmp_path, corpus):
     bad = _cli("train", "--set", f"data.source={corpus}", "--set", f"data.cache_dir={tmp_path / 'c'}",
                "--steps", "2", "--seq-len", "32", "--out", str(tmp_path / "o3"), cwd=tmp_path)
     assert bad.returncode == 2 and "checkpoint" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_matrix_cell_runs_lm_eval_after_training_and_report_shows_it(corpus, tmp_path):
+    pytest.importorskip("lm_eval")
+    from dataclasses import asdict
+
+    from harness.report import write_report
+    defaults = asdict(config(corpus, tmp_path / "c", budget={"steps": 2}))
+    m = expand({"name": "ev", "defaults": defaults, "models": [{"model": "gpt2", "preset": "tiny"}]})
+    root = tmp_path / "store"
+    first = run_matrix(m, root, log=lambda *_: None)[0]
+    assert "lm_eval" not in first
+    # adding eval tasks to a finished matrix evaluates without retraining (same cell, same config hash)
+    defaults["eval_tasks"], defaults["eval_limit"] = ["heldout"], 2
+    m2 = expand({"name": "ev", "defaults": defaults, "models": [{"model": "gpt2", "preset": "tiny"}]})
+    assert m2.cells[0].config_hash == m.cells[0].config_hash
+    rec = run_matrix(m2, root, log=lambda *_: None)[0]
+    assert rec["finished_at"] == first["finished_at"]  # not retrained
+    assert rec["lm_eval"]["tasks"] == ["heldout"] and "error" not in rec["lm_eval"], rec["lm_eval"]
+    assert (root / "ev" / m.cells[0].cell_id / "lm_eval").is_dir()
+    assert "## Zero-shot (lm-eval)" in write_report(root / "ev").read_text()
