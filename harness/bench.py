@@ -494,19 +494,21 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int, repea
     return 2 * n ** 3 / best
 
 
-def peak_flops(device: torch.device, dtype: str) -> dict[str, Any]:
+def peak_flops(device: torch.device, dtype: str, fresh: bool = False) -> dict[str, Any]:
     """The MFU denominator: {"peak_flops", "peak_flops_source"}. GPU + bf16: the datasheet table when the
     device name is known, else a timed 8192^2 bf16 matmul; GPU + fp32: a timed fp32 matmul; CPU: always a
-    timed 2048^2 matmul in the compute dtype (fp32 unless --dtype bf16). Measured once per process."""
+    timed 2048^2 matmul in the compute dtype (fp32 unless --dtype bf16). Measured once per process unless
+    ``fresh``; the bench measures again after its rows and keeps the best (see run_bench)."""
     key = (str(device), dtype)
-    if key in _PEAK_CACHE:
+    if key in _PEAK_CACHE and not fresh:
         return _PEAK_CACHE[key]
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         if dtype == "bf16":
             for pattern, tflops, label in GPU_PEAK_BF16_TFLOPS:
                 if pattern in name:
-                    out = {"peak_flops": tflops * 1e12, "peak_flops_source": f"table: {label} {tflops:g} TFLOP/s ({name})"}
+                    out = {"peak_flops": tflops * 1e12, "peak_flops_measured": False,
+                           "peak_flops_source": f"table: {label} {tflops:g} TFLOP/s ({name})"}
                     _PEAK_CACHE[key] = out
                     return out
         n, tdtype = 8192, (torch.bfloat16 if dtype == "bf16" else torch.float32)
@@ -514,10 +516,13 @@ def peak_flops(device: torch.device, dtype: str) -> dict[str, Any]:
         name = platform.processor() or platform.machine()
         n, tdtype = 2048, (torch.bfloat16 if dtype == "bf16" else torch.float32)
     flops = measure_matmul_flops(device, tdtype, n)
+    previous = _PEAK_CACHE.get(key)
+    if previous is not None and previous["peak_flops"] >= flops:
+        return previous
     tname = str(tdtype).replace("torch.", "")
-    out = {"peak_flops": flops, "peak_flops_source":
-           f"measured: {tname} matmul {n}x{n}, best of 5, {flops / 1e9:,.1f} GFLOP/s on {device.type} ({name}, "
-           f"{torch.get_num_threads()} threads)"}
+    out = {"peak_flops": flops, "peak_flops_measured": True, "peak_flops_source":
+           f"measured: {tname} matmul {n}x{n}, best timed call, {flops / 1e9:,.1f} GFLOP/s on {device.type} "
+           f"({name}, {torch.get_num_threads()} threads)"}
     _PEAK_CACHE[key] = out
     return out
 
@@ -755,6 +760,18 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] | None = print) -> Ben
                 log(f"[{len(rows)}/{total}] {_row_summary(row)} ({row['wall_s']:.1f} s)")
                 merged = bench_report.merge_rows(previous, rows)
                 bench_report.write_json(out, meta, merged)
+    if peak.get("peak_flops_measured"):
+        # a timed matmul on a shared machine can catch a slow moment: measure again, keep the best, and base
+        # every row of this run on it (MFU stays comparable across the rows)
+        best = peak_flops(spec.device, spec.dtype, fresh=True)
+        if best["peak_flops"] > peak["peak_flops"]:
+            log(f"peak FLOP/s re-measured after the rows: {best['peak_flops'] / 1e12:.4g} TFLOP/s (kept: the best)")
+            peak = best
+        for row in rows:
+            row.update(peak)
+            if row.get("train_flops_per_s") is not None:
+                row["mfu"] = row["train_flops_per_s"] / peak["peak_flops"]
+        meta.update(peak)
     merged = bench_report.merge_rows(previous, rows)
     ratios = bench_report.matched_flops_ratios(merged)
     files = bench_report.write_outputs(out, meta, merged, ratios)

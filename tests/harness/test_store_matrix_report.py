@@ -126,3 +126,55 @@ def test_report_from_fixture_store(tmp_path):
 def test_report_on_empty_store_is_an_error(tmp_path):
     proc = _cli("report", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 2 and "no result records" in proc.stderr
+
+
+def test_lr_sweep_expands_at_one_budget_and_skips_entries_with_their_own_lr():
+    raw = {**MATRIX, "lr_sweep": {"values": [1e-3, 3e-3], "budget": 1, "seeds": [0]}}
+    m = expand(raw)
+    sweep = m.sweep_cells
+    assert {c.label for c in sweep} == {"tokenformer/tiny"}  # gpt2 sets optim.lr itself: not swept
+    assert {c.config.optim.lr for c in sweep} == {1e-3, 3e-3} and all(c.config.budget.flops == 1e9 for c in sweep)
+    assert all(c.lr_from_sweep == (c.label == "tokenformer/tiny") for c in m.main_cells)
+    assert len(m.main_cells) == 8
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"matching": "iso_flop"}, "needs budgets in flops"),
+    ({"matching": "iso_vibes"}, "matching"),
+    ({"lr_sweep": {"values": [1e-3]}}, "at least two"),
+    ({"lr_sweep": {"values": [1e-3, 2e-3], "budget": 5}}, "lr_sweep.budget"),
+])
+def test_bad_matching_and_sweep(change, match):
+    with pytest.raises(ConfigError, match=match):
+        expand({**MATRIX, **change})
+
+
+def test_iso_params_checks_non_embedding_counts():
+    ok = {**MATRIX, "matching": "iso_params", "models": [{"model": "tokenformer", "preset": "150m"},
+                                                         {"model": "transformer_pp", "preset": "tf150m"}]}
+    assert len(expand(ok).cells) == 8
+    bad = {**ok, "models": [{"model": "tokenformer", "preset": "150m"}, {"model": "gpt2", "preset": "350m"}]}
+    with pytest.raises(ConfigError, match="iso_params"):
+        expand(bad)
+
+
+def test_matched_compute_table_verdicts(tmp_path):
+    def rec(label, model, seed, loss):
+        d = tmp_path / "mc" / f"{label}-{seed}"
+        store.write_record(d, {"matrix": "mc", "cell_id": d.name, "model": model, "preset": "tiny", "label": label,
+                               "seed": seed, "phase": "main", "matching": "iso_flop", "budget_index": 0,
+                               "budget_label": "flops=1e+12", "params": 1, "non_embedding_params": 1, "tokens": 1e6,
+                               "flops": 1e12, "steps": 1, "wall_time_s": 1, "tokens_per_s": 1, "lr": 3e-3,
+                               "final_train_loss": loss, "val_loss": loss, "val_bpb": loss / 0.69, "val_ppl": 1,
+                               "status": "complete"})
+    for s, (a, b, c) in enumerate([(2.00, 1.90, 2.01), (2.01, 1.91, 1.99), (2.02, 1.92, 2.02)]):
+        rec("tokenformer/tiny", "tokenformer", s, a)
+        rec("transformer_pp/tiny", "transformer_pp", s, b)
+        rec("gpt2/tiny", "gpt2", s, c)
+    text = write_report(tmp_path).read_text()
+    section = text.split("## Matched-compute comparison")[1].split("## Every cell")[0]
+    rows = {l.split("|")[1].strip(): l for l in section.splitlines() if l.startswith("| ") and "/tiny" in l}
+    assert "(reference)" in rows["tokenformer/tiny"]
+    assert "better" in rows["transformer_pp/tiny"]
+    assert "not distinguishable" in rows["gpt2/tiny"]
+    assert "2.0100 ± " in rows["tokenformer/tiny"]

@@ -159,3 +159,16 @@ def test_matrix_cell_runs_lm_eval_after_training_and_report_shows_it(corpus, tmp
     assert rec["lm_eval"]["tasks"] == ["heldout"] and "error" not in rec["lm_eval"], rec["lm_eval"]
     assert (root / "ev" / m.cells[0].cell_id / "lm_eval").is_dir()
     assert "## Zero-shot (lm-eval)" in write_report(root / "ev").read_text()
+
+
+def test_lr_sweep_chooses_per_model_rate_and_carries_it(corpus, tmp_path):
+    from dataclasses import asdict
+    defaults = asdict(config(corpus, tmp_path / "c", budget={"steps": 6}))
+    m = expand({"name": "sw", "defaults": defaults, "models": [{"model": "transformer_pp", "preset": "tiny"}],
+                "budgets": [{"steps": 6}, {"steps": 12}], "lr_sweep": {"values": [1e-5, 1e-2]}})
+    records = run_matrix(m, tmp_path / "store", log=lambda *_: None)
+    choice = json.loads((tmp_path / "store/sw/lr_choice.json").read_text())
+    assert choice["transformer_pp/tiny"]["lr"] == 1e-2  # 1e-5 barely moves in 6 steps
+    main = [r for r in records if r["phase"] == "main"]
+    assert len(main) == 2 and all(r["lr"] == 1e-2 and r["lr_from_sweep"] for r in main)
+    assert {r["budget_index"] for r in main} == {0, 1}
