@@ -5,7 +5,10 @@ A matrix file (YAML):
     name: default                 # the store directory under the output root
     description: ...
     matching: iso_flop            # iso_flop (flops budgets) | iso_tokens (tokens budgets) | iso_params (presets
-                                  # matched by non-embedding parameters) | none; recorded in every cell
+                                  # matched by non-embedding parameters) | none; recorded in every cell; an entry
+                                  # may set its own (a second table of the same matrix)
+    waterfall: false              # true: the report walks the entries in order as a component waterfall, each
+                                  # compared with the previous entry or the one its compare_to label names
     defaults: {...}               # TrainConfig fields shared by every cell (data, seq_len, batch_size, optim...)
     models:                       # one entry per model column; any TrainConfig field may be overridden here
       - {model: tokenformer, preset: tiny}
@@ -38,7 +41,7 @@ from models import registry
 from . import store
 from .config import ConfigError, TrainConfig, from_dict, load_yaml, merge
 
-TOP_LEVEL = ("name", "description", "matching", "defaults", "models", "budgets", "seeds", "lr_sweep")
+TOP_LEVEL = ("name", "description", "matching", "defaults", "models", "budgets", "seeds", "lr_sweep", "waterfall")
 MATCHING = ("none", "iso_flop", "iso_tokens", "iso_params")
 ISO_PARAMS_TOLERANCE = 0.10  # presets count as matched when non-embedding params are within 10%
 LR_CHOICE = "lr_choice.json"
@@ -54,6 +57,8 @@ class Cell:
     matching: str = "none"
     budget_index: int = 0
     lr_from_sweep: bool = False     # main cell whose peak LR comes from the sweep
+    entry_index: int = 0            # position of the model entry (a rung of a waterfall)
+    compare_to: str | None = None   # the label this entry is compared with in a waterfall (default: previous)
 
     @property
     def config_hash(self) -> str:
@@ -72,6 +77,7 @@ class Matrix:
     source: str
     matching: str = "none"
     sweep_values: list[float] = field(default_factory=list)
+    waterfall: bool = False
 
     @property
     def sweep_cells(self) -> list[Cell]:
@@ -161,6 +167,14 @@ def expand(raw: dict[str, Any], source: str = "<dict>", overrides: dict[str, Any
         label = entry.pop("label", None) or f"{entry['model']}/{entry.get('preset', defaults.get('preset', 'tiny'))}"
         if label in labels:
             raise ConfigError(f"{source}: models[{mi}]: two entries are both labelled {label!r}; add label: ...")
+        entry_matching = entry.pop("matching", matching)
+        if entry_matching not in MATCHING:
+            raise ConfigError(f"{source}: models[{mi}].matching: {entry_matching!r} is not one of {', '.join(MATCHING)}")
+        # compare_to: a label, or null for none; by default the previous entry
+        compare_to = entry.pop("compare_to") if "compare_to" in entry else (labels[-1] if labels else None)
+        if compare_to is not None and compare_to not in labels:
+            raise ConfigError(f"{source}: models[{mi}].compare_to: {compare_to!r} is not the label of an earlier "
+                              f"entry ({', '.join(labels) or 'none'})")
         labels.append(label)
         tuned = sweep is not None and "lr" not in (entry.get("optim") or {})
 
@@ -173,7 +187,7 @@ def expand(raw: dict[str, Any], source: str = "<dict>", overrides: dict[str, Any
                 settings = merge(settings, {"optim": {"lr": lr}})
             where = f"{source}: models[{mi}]" + (f" x budgets[{bi}]" if len(budgets) > 1 else "")
             cfg = _resolve(settings, where)
-            _check_matching(matching, cfg, where)
+            _check_matching(entry_matching, cfg, where)
             tag = _slug(label.replace("/", "-"))
             cell_id = _slug(f"{tag}-{cfg.budget.label().replace('=', '')}-seed{seed}")
             if phase == "sweep":
@@ -181,7 +195,8 @@ def expand(raw: dict[str, Any], source: str = "<dict>", overrides: dict[str, Any
             if cell_id in seen:
                 raise ConfigError(f"{where}: two cells would share the id {cell_id}; give the entries labels")
             seen.add(cell_id)
-            cells.append(Cell(name, cell_id, cfg, label, phase, matching, bi, phase == "main" and tuned))
+            cells.append(Cell(name, cell_id, cfg, label, phase, entry_matching, bi, phase == "main" and tuned, mi,
+                              compare_to))
 
         if tuned:
             for lr in sweep_values:
@@ -190,9 +205,13 @@ def expand(raw: dict[str, Any], source: str = "<dict>", overrides: dict[str, Any
         for bi in range(len(budgets)):
             for seed in seeds:
                 add("main", bi, seed)
-    if matching == "iso_params":
-        _check_iso_params(cells, source)
-    return Matrix(name, str(raw.get("description", "")), cells, source, matching, sweep_values)
+    iso_params = [c for c in cells if c.matching == "iso_params"]
+    if iso_params:
+        _check_iso_params(iso_params, source)
+    waterfall = raw.get("waterfall", False)
+    if not isinstance(waterfall, bool):
+        raise ConfigError(f"{source}: waterfall must be true or false")
+    return Matrix(name, str(raw.get("description", "")), cells, source, matching, sweep_values, waterfall)
 
 
 def _int_list(value, where: str) -> list[int]:
@@ -339,7 +358,8 @@ def _run_cells(matrix: Matrix, cells: list[Cell], root: Path, force: bool, log, 
                 "config_hash": cell.config_hash, "config": asdict(cell.config), "model": cell.config.model,
                 "preset": cell.config.preset, "label": cell.label, "phase": cell.phase, "matching": cell.matching,
                 "budget_index": cell.budget_index, "seed": cell.config.seed, "lr": cell.config.optim.lr,
-                "lr_from_sweep": cell.lr_from_sweep, "budget": asdict(cell.config.budget),
+                "lr_from_sweep": cell.lr_from_sweep, "entry_index": cell.entry_index, "compare_to": cell.compare_to,
+                "waterfall": matrix.waterfall, "budget": asdict(cell.config.budget),
                 "budget_label": cell.config.budget.label(), "git_revision": store.git_revision(),
                 "versions": store.library_versions()}
         t0 = time.time()

@@ -34,7 +34,8 @@ class NormSpec:
         if self.kind not in NORMS:
             raise ValueError(f"unknown norm {self.kind!r}; valid: {', '.join(NORMS)}")
         if self.bias and (self.kind != "layernorm" or not self.affine):
-            raise ValueError("norm bias needs an affine layernorm")
+            raise ValueError(f"config field norm_bias / final_norm_bias: a norm bias needs norm=layernorm with an "
+                             f"affine scale (got norm={self.kind}, affine={self.affine})")
 
     def params(self, d: int) -> int:
         return d * (int(self.affine) + int(self.bias))

@@ -250,152 +250,155 @@ def causal_conv1d_step(
 # ----------------------------------------------------------------------------------------------------------
 # Mamba-1 selective scan
 # ----------------------------------------------------------------------------------------------------------
-# Why the reference scan looks the way it does (CPU training speed). The recurrence lives on (B, D, L, N)
-# tensors -- N = d_state times bigger than the layer's activations -- so each elementwise pass over them costs
-# about as much memory traffic as a layer's matmuls at the small presets, and the pass count is the cost:
-#  * an in-place odd/even scan (``_scan_`` / ``_rscan_``): O(1) passes per element instead of the O(log chunk)
-#    of Hillis-Steele doubling, no padded / shifted copies, no temporaries;
+# Why the reference scan looks the way it does (CPU training speed). The recurrence lives on (L, B, D, N)
+# tensors -- d_state times the size of the layer's activations -- so on CPU every elementwise pass over them
+# costs about as much as the layer's matmuls, and the number of passes is the cost:
+#  * an in-place odd/even scan (``_scan_`` / ``_rscan_``): O(1) passes per element where Hillis-Steele doubling
+#    makes O(log chunk), and no padded / shifted copies;
+#  * time-major chunks, (Lc, B, D, N): the scan's strided views along time then select whole contiguous
+#    (B, D, N) slabs, which stream like contiguous tensors (with time next to N, a view of every 2^k-th step
+#    is a gather of 64-byte rows, several times slower per element);
 #  * a custom autograd.Function (``_SelectiveScanFn``) with a hand-written backward instead of autograd through
-#    the scan (which saved ~2 log2(chunk) chunk-sized tensors per chunk, so it needed checkpointing, i.e. a
-#    second forward plus autograd's own backward): the forward keeps only the state entering each chunk,
-#    the backward recomputes one chunk's states at a time and runs the adjoint recurrence over it;
-#  * two / three chunk-sized scratch buffers allocated once per call and reused by every chunk.
-# Everything stays elementwise (products and sums, never a matmul / einsum), so FlopCounterMode sees none of
-# it and MambaConfig.uncounted_flops_per_token adds it by hand, as before.
+#    the scan (which kept ~2 log2(chunk) chunk-sized tensors per chunk, so the chunks were checkpointed: a
+#    second forward plus autograd's backward over the doubling). The forward keeps only the state entering
+#    each chunk; the backward recomputes one chunk's states at a time and runs the adjoint recurrence on it;
+#  * a few chunk-sized scratch buffers allocated once per call and reused by every chunk.
+# It all stays elementwise (products and sums, never a matmul / einsum), so FlopCounterMode sees none of it and
+# MambaConfig.uncounted_flops_per_token adds the scan's FLOPs by hand.
 
 
-def _scan_(a: torch.Tensor, b: torch.Tensor) -> None:
-    """In place along dim -2: b_t <- h_t of h_t = a_t * h_{t-1} + b_t, with h_0 = b_0. a, b (..., n, N).
+def _scan_(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
+    """In place along dim 0: b_t <- h_t of h_t = a_t * h_{t-1} + b_t, with h_0 = b_0. a, b (n, ...).
 
-    Fold an initial state into b_0 first (b_0 += a_0 * h_init): a_0 itself is never read. ``a`` is clobbered at
-    odd positions >= 3 (its even positions and a_1 are left as they were).
+    Fold an initial state into b_0 first (b_0 += a_0 * h_init): a_0 is never read. Without ``scratch`` a is
+    clobbered at odd positions >= 3; with it (>= n // 2 leading slots of a's shape) a is left intact.
 
     Odd/even reduction (Brent-Kung style): fold each pair (2j, 2j+1) into its odd position -- a recurrence of
     the same form, half as long, over the odd positions, solved recursively on strided views -- then finish
-    every even position from the odd one before it. ~3 elementwise ops on n/2 + n/4 + ... positions: O(n) work,
-    where Hillis-Steele doubling does O(n log n); still log2(n) levels, never a loop over positions. No op
-    writes a position it reads (odd vs even slots), so the in-place updates are safe. Only products of decays
-    and sums, never a division or an exp of a cumulative sum: as stable as the sequential recurrence.
+    each even position from the odd one before it. ~3 elementwise ops on n/2 + n/4 + ... positions: O(n) work
+    where Hillis-Steele doubling does O(n log n); log2(n) levels, never a loop over positions. No op writes a
+    position it reads (odd vs even slots), so the in-place updates are safe. Only products of decays and sums,
+    no division, no exp of a cumulative sum: as stable as the sequential recurrence.
     """
-    n = b.shape[-2]
+    n = b.shape[0]
     if n < 2:
         return
     k = n // 2
-    odd_a, odd_b = a[..., 1:2 * k:2, :], b[..., 1:2 * k:2, :]  # positions 1, 3, ..., 2k-1
+    odd_b = b[1:2 * k:2]  # positions 1, 3, ..., 2k-1
     # pair (2j, 2j+1) composed: h_{2j+1} = (a_{2j+1} a_{2j}) h_{2j-1} + (a_{2j+1} b_{2j} + b_{2j+1})
-    odd_b.addcmul_(odd_a, b[..., 0:2 * k:2, :])
+    odd_b.addcmul_(a[1:2 * k:2], b[0:2 * k:2])
     if k > 1:
-        a[..., 3:2 * k:2, :].mul_(a[..., 2:2 * k - 1:2, :])  # (the pair's decay is not needed for j = 0)
+        if scratch is None:
+            odd_a = a[1:2 * k:2]
+            odd_a[1:].mul_(a[2:2 * k - 1:2])
+        else:  # the same products, written to scratch (its slot 0, the pair j = 0's decay, is never read)
+            odd_a = scratch[:k]
+            torch.mul(a[3:2 * k:2], a[2:2 * k - 1:2], out=odd_a[1:])
         _scan_(odd_a, odd_b)  # odd positions now hold their final h
     if n > 2:
-        b[..., 2::2, :].addcmul_(a[..., 2::2, :], b[..., 1:n - 1:2, :])  # h_{2j} = a_{2j} h_{2j-1} + b_{2j}
+        b[2::2].addcmul_(a[2::2], b[1:n - 1:2])  # h_{2j} = a_{2j} h_{2j-1} + b_{2j}
 
 
 def _rscan_(m: torch.Tensor, g: torch.Tensor) -> None:
-    """In place along dim -2, backward in time: g_t <- G_t = m_t * G_{t+1} + g_t, G_{n-1} = g_{n-1}.
+    """In place along dim 0, backward in time: g_t <- G_t = m_t * G_{t+1} + g_t, with G_{n-1} = g_{n-1}.
 
-    m (..., n-1, N), g (..., n, N): m_t carries G_{t+1} to t (the adjoint of the scan: m_t = a_{t+1}). The
-    mirror image of ``_scan_``, pairs (t, t+1) taken from the end; m is clobbered at some of the pairs' first
-    positions, never at m_0 when n is odd.
+    m (n-1, ...), g (n, ...): m_t carries G_{t+1} back to t (for the scan's adjoint, m_t = a_{t+1}). The mirror
+    image of ``_scan_``, pairs (t, t+1) taken from the end; m is clobbered.
     """
-    n = g.shape[-2]
+    n = g.shape[0]
     if n < 2:
         return
     k = n // 2
     s = n - 2 * k  # 1 when n is odd: position 0 is left unpaired
-    lo_g = g[..., s:n - 1:2, :]  # positions s, s+2, ..., n-2: each pair's first
-    lo_g.addcmul_(m[..., s:n - 1:2, :], g[..., s + 1::2, :])  # G_t = m_t g_{t+1} + g_t, then m_t m_{t+1} G_{t+2}
+    lo_g = g[s:n - 1:2]  # positions s, s+2, ..., n-2: each pair's first
+    lo_g.addcmul_(m[s:n - 1:2], g[s + 1::2])  # G_t = (m_t g_{t+1} + g_t) + (m_t m_{t+1}) G_{t+2}
     if k > 1:
-        m_lo = m[..., s:n - 3:2, :]
-        m_lo.mul_(m[..., s + 1:n - 2:2, :])  # the pair's carry from G_{t+2} (the last pair has none)
+        m_lo = m[s:n - 3:2]
+        m_lo.mul_(m[s + 1:n - 2:2])  # the pair's carry from G_{t+2} (the last pair has none)
         _rscan_(m_lo, lo_g)  # pairs' first positions now hold their final G
     if n > 2:
-        g[..., s + 1:n - 2:2, :].addcmul_(m[..., s + 1:n - 2:2, :], g[..., s + 2:n - 1:2, :])  # second positions
+        g[s + 1:n - 2:2].addcmul_(m[s + 1:n - 2:2], g[s + 2:n - 1:2])  # the pairs' second positions
     if s:
-        g[..., 0, :].addcmul_(m[..., 0, :], g[..., 1, :])
+        g[0].addcmul_(m[0], g[1])
 
 
-def _chunk_states_(a, h, delta, du, A, Bt, h0) -> None:
-    """Fill a with exp(delta A) and h with the chunk's states (a is clobbered by the scan).
+def _chunk_states_(a, h, delta, du, A, Bt, h0, scratch=None) -> None:
+    """a <- exp(delta A), h <- the chunk's states (a is clobbered unless ``scratch`` is given, see ``_scan_``).
 
-    a, h (B, D, Lc, N) buffers; delta, du (B, D, Lc); A (D, N); Bt (B, Lc, N); h0 (B, D, N) the entering state.
+    a, h (Lc, B, D, N) buffers; delta, du (Lc, B, D); A (D, N); Bt (Lc, B, N); h0 (B, D, N) the entering state.
     """
-    torch.mul(delta[..., None], A[:, None, :], out=a)
+    torch.mul(delta[..., None], A, out=a)
     a.exp_()  # discretised A (zero-order hold)
-    torch.mul(du[..., None], Bt[:, None], out=h)  # Euler-discretised B times u
-    h[..., 0, :].addcmul_(a[..., 0, :], h0)  # fold the entering state into the first step
-    _scan_(a, h)
+    torch.mul(du[..., None], Bt[:, :, None], out=h)  # Euler-discretised B times u
+    h[0].addcmul_(a[0], h0)  # fold the entering state into the first step
+    _scan_(a, h, scratch)
 
 
 def _scan_chunk(delta, du, A, B, C, h0):
     """One chunk. delta, du (B, D, Lc); A (D, N); B, C (B, N, Lc); h0 (B, D, N) -> y (B, D, Lc), h_last (B, D, N).
 
-    Not differentiable (no autograd through it; ``_SelectiveScanFn`` is the differentiable path).
+    Not differentiable (``_SelectiveScanFn`` is the differentiable path).
     """
-    shape = (*delta.shape, A.shape[-1])  # (B, D, Lc, N)
-    a, h = delta.new_empty(shape), delta.new_empty(shape)
+    length = delta.shape[-1]
+    a = delta.new_empty(length, *h0.shape)  # (Lc, B, D, N)
+    h = torch.empty_like(a)
     with torch.no_grad():
-        _chunk_states_(a, h, delta, du, A, B.transpose(-1, -2), h0)
+        _chunk_states_(a, h, delta.permute(2, 0, 1), du.permute(2, 0, 1), A, B.permute(2, 0, 1), h0)
         # y_t = <h_t, C_t>: an elementwise product + sum on purpose (not a matmul) -- the scan's FLOPs are then
         # all invisible to FlopCounterMode and added back by hand (MambaConfig.uncounted_flops_per_token)
-        y = torch.mul(h, C.transpose(-1, -2)[:, None], out=a).sum(-1)  # (B, D, Lc)
-    return y, h[:, :, -1].clone()
+        y = torch.mul(h, C.permute(2, 0, 1)[:, :, None], out=a).sum(-1)  # (Lc, B, D)
+    return y.permute(1, 2, 0), h[-1].clone()
 
 
-def _as(buf: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """A contiguous (B, D, Lc, N) view at the start of a flat buffer (the last chunk may be shorter)."""
-    numel = 1
-    for s in shape:
-        numel *= s
-    return buf[:numel].view(shape)
+def _slab(buf: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` time steps of a (chunk, B, D, N) scratch buffer (contiguous: time is the outer dim)."""
+    return buf[:length]
 
 
 def _scan_forward(delta, du, A, Bt, Ct, h0, chunk_size, starts=None):
-    """The whole scan, chunk by chunk. delta, du (B, D, L); A (D, N); Bt, Ct (B, L, N) contiguous; h0 (B, D, N).
-
-    Returns y (B, D, L), h_last (B, D, N). ``starts`` (n_chunks, B, D, N), when given, receives the state
-    entering each chunk (all the backward needs to recompute any chunk on its own).
+    """The whole scan, chunk by chunk, time-major. delta, du (L, B, D); A (D, N); Bt, Ct (L, B, N); h0 (B, D, N),
+    all contiguous. Returns y (L, B, D), h_last (B, D, N); ``starts`` (n_chunks, B, D, N), when given, receives
+    the state entering each chunk (all the backward needs to recompute any chunk on its own).
     """
-    batch, dim, seqlen = delta.shape
-    n = A.shape[-1]
-    y = delta.new_empty(batch, dim, seqlen)
-    buf = delta.new_empty(2, batch * dim * min(chunk_size, seqlen) * n)  # flat scratch: a, states
+    seqlen = delta.shape[0]
+    y = delta.new_empty(delta.shape)
+    shape = (min(chunk_size, seqlen), *h0.shape)  # (chunk, B, D, N)
+    a_buf, h_buf = delta.new_empty(shape), delta.new_empty(shape)
     h = h0
     for c, s in enumerate(range(0, seqlen, chunk_size)):
         e = min(s + chunk_size, seqlen)
-        a, hs = _as(buf[0], (batch, dim, e - s, n)), _as(buf[1], (batch, dim, e - s, n))
+        a, hs = _slab(a_buf, e - s), _slab(h_buf, e - s)
         if starts is not None:
             starts[c] = h
-        _chunk_states_(a, hs, delta[:, :, s:e], du[:, :, s:e], A, Bt[:, s:e], h)
-        h = hs[:, :, -1].clone()  # (B, D, N); the buffers are reused by the next chunk
+        _chunk_states_(a, hs, delta[s:e], du[s:e], A, Bt[s:e], h)
+        h = hs[-1].clone()  # (B, D, N); the buffers are reused by the next chunk
         # y_t = <h_t, C_t>: an elementwise product + sum on purpose (not a matmul) -- the scan's FLOPs are then
         # all invisible to FlopCounterMode and added back by hand (MambaConfig.uncounted_flops_per_token)
-        y[:, :, s:e] = torch.mul(hs, Ct[:, None, s:e], out=a).sum(-1)
+        torch.sum(torch.mul(hs, Ct[s:e, :, None], out=a), -1, out=y[s:e])
     return y, (h.clone() if h is h0 else h)
 
 
 class _SelectiveScanFn(torch.autograd.Function):
-    """h_t = exp(delta_t A) h_{t-1} + du_t B_t, y_t = <h_t, C_t>, with a hand-written chunked backward.
+    """h_t = exp(delta_t A) h_{t-1} + du_t B_t, y_t = <h_t, C_t>, time-major, with a hand-written backward.
 
-    Inputs delta, du (B, D, L); A (D, N); Bt, Ct (B, L, N); h0 (B, D, N); chunk_size. Outputs y (B, D, L) and
-    h_last (B, D, N). Saved for backward: the inputs and the state entering each chunk (n_chunks, B, D, N) --
-    nothing of size (B, D, L, N); the backward materialises one chunk at a time, (B, D, chunk, N) x 3.
+    Inputs delta, du (L, B, D); A (D, N); Bt, Ct (L, B, N); h0 (B, D, N); chunk_size. Outputs y (L, B, D) and
+    h_last (B, D, N). Saved for backward: the inputs and the state entering each chunk, (n_chunks, B, D, N) --
+    nothing of size (L, B, D, N); the backward materialises one chunk at a time, 3 x (chunk, B, D, N).
 
-    Backward, per chunk in reverse order (a_t = exp(delta_t A), h_{-1} the entering state):
-        g_t  = dL/dh_t = dy_t C_t + a_{t+1} g_{t+1}        (adjoint recurrence: the scan backward in time; the
-                                                            carry into the chunk's last step is a_{Lc} g_{Lc}
-                                                            from the next chunk, or dL/dh_last)
-        dC_t = sum_d dy_t h_t      d(du)_t = sum_n g_t B_t      dB_t = sum_d g_t du_t
-        w_t  = g_t a_t h_{t-1}  (= dL/d(delta_t A)):  d(delta)_t = sum_n w_t A    dA = sum_{b,t} w_t delta_t
+    Backward, chunk by chunk from the last (a_t = exp(delta_t A); h_{-1} the state entering the chunk):
+        g_t  = dL/dh_t = dy_t C_t + a_{t+1} g_{t+1}     the adjoint recurrence: the scan run backward in time;
+                                                          at the chunk's last step a_{t+1} g_{t+1} is the carry
+                                                          from the next chunk (dL/dh_last for the last one)
+        dC_t = sum_d dy_t h_t        d(du)_t = sum_n g_t B_t        dB_t = sum_d g_t du_t
+        w_t  = g_t a_t h_{t-1} = dL/d(delta_t A):   d(delta)_t = sum_n w_t A      dA = sum_{t,b} w_t delta_t
         dh0  = a_0 g_0 of the first chunk.
     """
 
     @staticmethod
     def forward(ctx, delta, du, A, Bt, Ct, h0, chunk_size):
-        delta, du, A, Bt, Ct = (t.contiguous() for t in (delta, du, A, Bt, Ct))
-        batch, dim, seqlen = delta.shape
-        n_chunks = -(-seqlen // chunk_size)
-        starts = delta.new_empty(n_chunks, batch, dim, A.shape[-1])  # state entering each chunk
+        delta, du, A, Bt, Ct, h0 = (t.contiguous() for t in (delta, du, A, Bt, Ct, h0))
+        n_chunks = -(-delta.shape[0] // chunk_size)
+        starts = delta.new_empty(n_chunks, *h0.shape)  # state entering each chunk
         y, h_last = _scan_forward(delta, du, A, Bt, Ct, h0, chunk_size, starts=starts)
         ctx.save_for_backward(delta, du, A, Bt, Ct, starts)
         ctx.chunk_size = chunk_size
@@ -405,44 +408,34 @@ class _SelectiveScanFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dh_last):
         delta, du, A, Bt, Ct, starts = ctx.saved_tensors
-        chunk_size = ctx.chunk_size
-        batch, dim, seqlen = delta.shape
-        n = A.shape[-1]
+        chunk_size, seqlen = ctx.chunk_size, delta.shape[0]
         dy = dy.contiguous()
-        d_delta, d_du = torch.empty_like(delta), torch.empty_like(du)
+        d_delta, d_du, dBt, dCt = (torch.empty_like(t) for t in (delta, du, Bt, Ct))
         dA = torch.zeros_like(A)
-        dBt, dCt = torch.empty_like(Bt), torch.empty_like(Ct)
         g_carry = dh_last  # dL/dh at the end of the chunk being processed, from everything after it
-        buf = delta.new_empty(3, batch * dim * min(chunk_size, seqlen) * n)  # flat scratch: a, h / g, w
+        shape = (min(chunk_size, seqlen), *starts.shape[1:])  # (chunk, B, D, N)
+        bufs = [delta.new_empty(shape) for _ in range(3)]
         for c in reversed(range(starts.shape[0])):
-            s = c * chunk_size
-            e = min(s + chunk_size, seqlen)
-            shape = (batch, dim, e - s, n)
-            a, h, w = _as(buf[0], shape), _as(buf[1], shape), _as(buf[2], shape)
-            h_in, delta_c, du_c, dy_c = starts[c], delta[:, :, s:e], du[:, :, s:e], dy[:, :, s:e]
-            Bt_c, Ct_c = Bt[:, None, s:e], Ct[:, None, s:e]  # (B, 1, Lc, N)
-            # recompute the chunk: a = exp(delta A) kept intact (the scan clobbers a copy), h = states
-            torch.mul(delta_c[..., None], A[:, None, :], out=a)
-            a.exp_()
-            torch.mul(du_c[..., None], Bt_c, out=h)
-            h[..., 0, :].addcmul_(a[..., 0, :], h_in)
-            w.copy_(a)
-            _scan_(w, h)
-            # w = a_t h_{t-1} (the decayed previous state), before h is consumed
-            torch.mul(a[..., 1:, :], h[..., :-1, :], out=w[..., 1:, :])
-            torch.mul(a[..., 0, :], h_in, out=w[..., 0, :])
-            # dC_t = sum_d dy_t h_t
-            dCt[:, s:e] = h.mul_(dy_c[..., None]).sum(1)
-            # adjoint recurrence into h's buffer: g_t = dy_t C_t (+ the carry at the last step) + a_{t+1} g_{t+1}
+            s, e = c * chunk_size, min((c + 1) * chunk_size, seqlen)
+            a, h, w = (_slab(buf, e - s) for buf in bufs)  # (Lc, B, D, N) each
+            h_in, delta_c, du_c, dy_c = starts[c], delta[s:e], du[s:e], dy[s:e]
+            Bt_c, Ct_c = Bt[s:e, :, None], Ct[s:e, :, None]  # (Lc, B, 1, N)
+            # recompute the chunk: a = exp(delta A) (kept intact, the scan works in w), h = its states
+            _chunk_states_(a, h, delta_c, du_c, A, Bt[s:e], h_in, scratch=w)
+            # w_t = a_t h_{t-1}, the decayed previous state (while h still holds the states)
+            torch.mul(a[1:], h[:-1], out=w[1:])
+            torch.mul(a[0], h_in, out=w[0])
+            torch.sum(h.mul_(dy_c[..., None]), 2, out=dCt[s:e])  # dC_t = sum_d dy_t h_t
+            # the adjoint recurrence, in h's buffer: g_t = dy_t C_t (+ the carry at the last step) + a_{t+1} g_{t+1}
             g = torch.mul(dy_c[..., None], Ct_c, out=h)
-            g[..., -1, :].add_(g_carry)
-            _rscan_(a[..., 1:, :], g)  # clobbers a_1.. (a_0 stays for the carry)
-            g_carry = a[..., 0, :] * g[..., 0, :]  # dL/dh entering this chunk = dL/dh_last of the previous one
-            d_du[:, :, s:e] = torch.mul(g, Bt_c, out=a).sum(-1)
-            dBt[:, s:e] = torch.mul(g, du_c[..., None], out=a).sum(1)
-            w.mul_(g)  # dL/d(delta_t A), elementwise
-            d_delta[:, :, s:e] = torch.mul(w, A[:, None, :], out=a).sum(-1)
-            dA += torch.mul(w, delta_c[..., None], out=a).sum((0, 2))
+            g[-1].add_(g_carry)
+            _rscan_(a[1:], g)  # clobbers a_1.. (a_0 is still needed, for the carry)
+            g_carry = a[0] * g[0]  # dL/dh entering this chunk = dL/dh_last of the chunk before
+            torch.sum(torch.mul(g, Bt_c, out=a), -1, out=d_du[s:e])  # d(du)_t = sum_n g_t B_t
+            torch.sum(torch.mul(g, du_c[..., None], out=a), 2, out=dBt[s:e])  # dB_t = sum_d g_t du_t
+            w.mul_(g)  # dL/d(delta_t A)
+            torch.sum(torch.mul(w, A, out=a), -1, out=d_delta[s:e])
+            dA += torch.mul(w, delta_c[..., None], out=a).sum((0, 1))
         dh0 = g_carry if ctx.needs_input_grad[5] else None
         return d_delta, d_du, dA, dBt, dCt, dh0, None
 
@@ -467,8 +460,8 @@ def selective_scan_ref(
         h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t        h: (B, D, N), fp32
         y_t = <h_t, C_t> + D * u_t;  y *= silu(z)
     The sequence is cut into chunks of ``chunk_size``: inside a chunk the recurrence is a log-depth scan,
-    across chunks the last state is carried. Only (B, D, chunk, N) is ever materialised, never (B, D, L, N);
-    under autograd the states entering each chunk, (L / chunk, B, D, N), are what is kept for backward.
+    across chunks the last state is carried. Only (chunk, B, D, N) is ever materialised, never (L, B, D, N);
+    under autograd what is kept for backward is the inputs and the state entering each chunk (L/chunk, B, D, N).
     Returns y (B, D, L) in u's dtype [, last state (B, D, N) fp32].
     """
     dtype_in = u.dtype
@@ -485,12 +478,14 @@ def selective_scan_ref(
         else u.new_zeros(batch, dim, A.shape[-1])
     )  # (B, D, N)
     du = delta * u  # (B, D, L)
-    Bt, Ct = B.transpose(1, 2), C.transpose(1, 2)  # (B, L, N): the chunks' (Lc, N) slabs contiguous
+    # time-major for the scan (see above): (L, B, D) and (L, B, N) views, made contiguous inside
+    scan_in = (delta.permute(2, 0, 1), du.permute(2, 0, 1), A, B.permute(2, 0, 1), C.permute(2, 0, 1), h)
     chunk_size = max(1, min(chunk_size, seqlen))
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (du, delta, A, B, C, h)):
-        y, h = _SelectiveScanFn.apply(delta, du, A, Bt, Ct, h, chunk_size)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in scan_in):
+        y, h = _SelectiveScanFn.apply(*scan_in, chunk_size)
     else:
-        y, h = _scan_forward(delta, du, A, Bt.contiguous(), Ct.contiguous(), h, chunk_size)
+        y, h = _scan_forward(*(t.contiguous() for t in scan_in), chunk_size)
+    y = y.permute(1, 2, 0)  # (B, D, L)
     if D is not None:
         y = y + u * D.float()[:, None]
     if z is not None:
