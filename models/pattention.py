@@ -84,3 +84,17 @@ class Pattention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, n_tokens={self.n_tokens}, normalization={self.normalization}"
+
+
+def scale_tokens_of(model: nn.Module) -> dict[str, int]:
+    """{module name: held sqrt(n) token count} of every Pattention whose factor is held (after growth)."""
+    return {name: m.scale_tokens for name, m in model.named_modules()
+            if isinstance(m, Pattention) and m.scale_tokens is not None}
+
+
+def set_scale_tokens(model: nn.Module, mapping: dict[str, int]) -> None:
+    modules = dict(model.named_modules())
+    for name, n in mapping.items():
+        if not isinstance(modules.get(name), Pattention):
+            raise ValueError(f"pattention_scale_tokens names {name!r}, which is not a Pattention of this model")
+        modules[name].scale_tokens = int(n)

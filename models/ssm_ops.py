@@ -356,9 +356,11 @@ def _slab(buf: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def _scan_forward(delta, du, A, Bt, Ct, h0, chunk_size, starts=None):
-    """The whole scan, chunk by chunk, time-major. delta, du (L, B, D); A (D, N); Bt, Ct (L, B, N); h0 (B, D, N),
-    all contiguous. Returns y (L, B, D), h_last (B, D, N); ``starts`` (n_chunks, B, D, N), when given, receives
-    the state entering each chunk (all the backward needs to recompute any chunk on its own).
+    """The whole scan, chunk by chunk, time-major. delta, du (L, B, D); A (D, N); Bt, Ct (L, B, N) (any strides:
+    each chunk's slice is copied contiguous, a few % of the chunk's work); h0 (B, D, N).
+
+    Returns y (L, B, D), h_last (B, D, N). ``starts`` (n_chunks, B, D, N), when given, receives the state
+    entering each chunk (all the backward needs to recompute any chunk on its own).
     """
     seqlen = delta.shape[0]
     y = delta.new_empty(delta.shape)
@@ -370,20 +372,23 @@ def _scan_forward(delta, du, A, Bt, Ct, h0, chunk_size, starts=None):
         a, hs = _slab(a_buf, e - s), _slab(h_buf, e - s)
         if starts is not None:
             starts[c] = h
-        _chunk_states_(a, hs, delta[s:e], du[s:e], A, Bt[s:e], h)
+        delta_c, du_c, Bt_c, Ct_c = (t[s:e].contiguous() for t in (delta, du, Bt, Ct))
+        _chunk_states_(a, hs, delta_c, du_c, A, Bt_c, h)
         h = hs[-1].clone()  # (B, D, N); the buffers are reused by the next chunk
         # y_t = <h_t, C_t>: an elementwise product + sum on purpose (not a matmul) -- the scan's FLOPs are then
         # all invisible to FlopCounterMode and added back by hand (MambaConfig.uncounted_flops_per_token)
-        torch.sum(torch.mul(hs, Ct[s:e, :, None], out=a), -1, out=y[s:e])
+        torch.sum(torch.mul(hs, Ct_c[:, :, None], out=a), -1, out=y[s:e])
     return y, (h.clone() if h is h0 else h)
 
 
 class _SelectiveScanFn(torch.autograd.Function):
     """h_t = exp(delta_t A) h_{t-1} + du_t B_t, y_t = <h_t, C_t>, time-major, with a hand-written backward.
 
-    Inputs delta, du (L, B, D); A (D, N); Bt, Ct (L, B, N); h0 (B, D, N); chunk_size. Outputs y (L, B, D) and
-    h_last (B, D, N). Saved for backward: the inputs and the state entering each chunk, (n_chunks, B, D, N) --
-    nothing of size (L, B, D, N); the backward materialises one chunk at a time, 3 x (chunk, B, D, N).
+    Inputs delta, du (L, B, D); A (D, N); Bt, Ct (L, B, N) -- time-major views of the caller's (B, D, L) and
+    (B, N, L) tensors, saved as they are (no copies: autograd holds them anyway); h0 (B, D, N); chunk_size.
+    Outputs y (L, B, D) and h_last (B, D, N). Besides the inputs only the state entering each chunk is saved,
+    (n_chunks, B, D, N) -- nothing of size (L, B, D, N); the backward materialises one chunk at a time,
+    3 x (chunk, B, D, N).
 
     Backward, chunk by chunk from the last (a_t = exp(delta_t A); h_{-1} the state entering the chunk):
         g_t  = dL/dh_t = dy_t C_t + a_{t+1} g_{t+1}     the adjoint recurrence: the scan run backward in time;
@@ -396,7 +401,7 @@ class _SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, delta, du, A, Bt, Ct, h0, chunk_size):
-        delta, du, A, Bt, Ct, h0 = (t.contiguous() for t in (delta, du, A, Bt, Ct, h0))
+        A, h0 = A.contiguous(), h0.contiguous()
         n_chunks = -(-delta.shape[0] // chunk_size)
         starts = delta.new_empty(n_chunks, *h0.shape)  # state entering each chunk
         y, h_last = _scan_forward(delta, du, A, Bt, Ct, h0, chunk_size, starts=starts)
@@ -409,8 +414,8 @@ class _SelectiveScanFn(torch.autograd.Function):
     def backward(ctx, dy, dh_last):
         delta, du, A, Bt, Ct, starts = ctx.saved_tensors
         chunk_size, seqlen = ctx.chunk_size, delta.shape[0]
-        dy = dy.contiguous()
-        d_delta, d_du, dBt, dCt = (torch.empty_like(t) for t in (delta, du, Bt, Ct))
+        d_delta, d_du = delta.new_empty(delta.shape), du.new_empty(du.shape)  # (L, B, D), contiguous
+        dBt, dCt = Bt.new_empty(Bt.shape), Ct.new_empty(Ct.shape)  # (L, B, N)
         dA = torch.zeros_like(A)
         g_carry = dh_last  # dL/dh at the end of the chunk being processed, from everything after it
         shape = (min(chunk_size, seqlen), *starts.shape[1:])  # (chunk, B, D, N)
@@ -418,10 +423,11 @@ class _SelectiveScanFn(torch.autograd.Function):
         for c in reversed(range(starts.shape[0])):
             s, e = c * chunk_size, min((c + 1) * chunk_size, seqlen)
             a, h, w = (_slab(buf, e - s) for buf in bufs)  # (Lc, B, D, N) each
-            h_in, delta_c, du_c, dy_c = starts[c], delta[s:e], du[s:e], dy[s:e]
-            Bt_c, Ct_c = Bt[s:e, :, None], Ct[s:e, :, None]  # (Lc, B, 1, N)
+            h_in = starts[c]
+            delta_c, du_c, dy_c, Bt_c, Ct_c = (t[s:e].contiguous() for t in (delta, du, dy, Bt, Ct))
             # recompute the chunk: a = exp(delta A) (kept intact, the scan works in w), h = its states
-            _chunk_states_(a, h, delta_c, du_c, A, Bt[s:e], h_in, scratch=w)
+            _chunk_states_(a, h, delta_c, du_c, A, Bt_c, h_in, scratch=w)
+            Bt_c, Ct_c = Bt_c[:, :, None], Ct_c[:, :, None]  # (Lc, B, 1, N)
             # w_t = a_t h_{t-1}, the decayed previous state (while h still holds the states)
             torch.mul(a[1:], h[:-1], out=w[1:])
             torch.mul(a[0], h_in, out=w[0])
@@ -478,13 +484,13 @@ def selective_scan_ref(
         else u.new_zeros(batch, dim, A.shape[-1])
     )  # (B, D, N)
     du = delta * u  # (B, D, L)
-    # time-major for the scan (see above): (L, B, D) and (L, B, N) views, made contiguous inside
+    # time-major for the scan (see above): (L, B, D) and (L, B, N) views, copied contiguous a chunk at a time
     scan_in = (delta.permute(2, 0, 1), du.permute(2, 0, 1), A, B.permute(2, 0, 1), C.permute(2, 0, 1), h)
     chunk_size = max(1, min(chunk_size, seqlen))
     if torch.is_grad_enabled() and any(t.requires_grad for t in scan_in):
         y, h = _SelectiveScanFn.apply(*scan_in, chunk_size)
     else:
-        y, h = _scan_forward(*(t.contiguous() for t in scan_in), chunk_size)
+        y, h = _scan_forward(*scan_in, chunk_size)
     y = y.permute(1, 2, 0)  # (B, D, L)
     if D is not None:
         y = y + u * D.float()[:, None]

@@ -182,6 +182,11 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
                                         for g in plain["param_groups"]]
     opts = _full_options(broadcast_from_rank0=True) if distributed else _full_options()
     set_model_state_dict(model, model_sd, options=opts)
+    if state.get("pattention_scale_tokens"):  # growth that held sqrt(n) at the old token count
+        from models.pattention import set_scale_tokens
+
+        from .distributed import unwrap
+        set_scale_tokens(unwrap(model), state["pattention_scale_tokens"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
     if restore_rng and is_main:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from models import registry
+from models.pattention import scale_tokens_of
 
 from .. import data as data_lib
 from ..config import ConfigError, TrainConfig
@@ -170,12 +171,30 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
 
     ckpt_dir = out_dir / CHECKPOINT_DIR
     metrics_path = out_dir / METRICS_FILE
-    start_step, wall_before = 0, 0.0
+    # data_offset: batches are a pure function of (seed, data_offset + step); a run started from a grown
+    # checkpoint continues the data stream where its base stopped. flops_offset: training FLOPs spent before
+    # step 0 of this run (the base run of a growth chain), so records can count cumulative compute.
+    start_step, wall_before, data_offset, flops_offset, lineage = 0, 0.0, 0, 0.0, []
+    init_dir = None
     if resume and ckpt_dir.exists():
-        state = load_checkpoint(ckpt_dir, wrapped, optimizer, distributed=info.enabled, is_main=info.is_main)
-        start_step, wall_before = state["step"], state.get("wall_time", 0.0)
-        if info.is_main:
-            _truncate_metrics(metrics_path, start_step)
+        init_dir = ckpt_dir
+    elif cfg.init_from:
+        init_dir = Path(cfg.init_from)
+    if init_dir is not None:
+        own = init_dir == ckpt_dir
+        state = load_checkpoint(init_dir, wrapped, optimizer if _has_optimizer_state(init_dir) else None,
+                                distributed=info.enabled, is_main=info.is_main, restore_rng=own)
+        start_step = state["step"]
+        data_offset = state.get("data_position", start_step) - start_step
+        lineage = state.get("growth", [])
+        if own:  # resuming this run
+            wall_before, flops_offset = state.get("wall_time", 0.0), state.get("flops_offset", 0.0)
+            if info.is_main:
+                _truncate_metrics(metrics_path, start_step)
+        else:  # a new run from another run's (e.g. grown) checkpoint: its compute counts as spent before
+            flops_offset = state.get("flops_offset", 0.0) + state.get("flops_spent", 0.0)
+            if info.is_main and metrics_path.exists():
+                metrics_path.unlink()
     elif info.is_main and metrics_path.exists():
         metrics_path.unlink()
     distributed.barrier(info)
@@ -202,7 +221,7 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
             lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x_all, y_all = batcher.get_batch(step, info.rank, info.world_size)
+            x_all, y_all = batcher.get_batch(data_offset + step, info.rank, info.world_size)
             loss_sum = 0.0
             for i in range(0, rows, micro):
                 x, y = x_all[i:i + micro].to(device), y_all[i:i + micro].to(device)
@@ -227,6 +246,7 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
             if done % cfg.log_every == 0 or done == steps:
                 elapsed = time.perf_counter() - window_t0
                 record = {"step": done, "tokens": done * tokens_per_step, "flops": done * tokens_per_step * flops_per_token,
+                          "cumulative_flops": flops_offset + done * tokens_per_step * flops_per_token,
                           "loss": window_loss / window_n, "lr": lr, "grad_norm": grad_norm,
                           "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
                 window_loss, window_n, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
@@ -234,7 +254,8 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
                 last_eval = evaluate(wrapped, dataset, seq_len, cfg.batch_size, micro, cfg.eval_batches, device,
                                      amp_dtype, info)
                 record = record or {"step": done, "tokens": done * tokens_per_step,
-                                    "flops": done * tokens_per_step * flops_per_token}
+                                    "flops": done * tokens_per_step * flops_per_token,
+                                    "cumulative_flops": flops_offset + done * tokens_per_step * flops_per_token}
                 record.update(last_eval)
             if record is not None and metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
@@ -252,7 +273,10 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
                 bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=bar_rate, refresh=False)
             if done % cfg.checkpoint_every == 0 or done == steps:
                 save_checkpoint(ckpt_dir, wrapped, optimizer, {
-                    "step": done, "data_position": done, "wall_time": wall_before + time.perf_counter() - run_t0,
+                    "step": done, "data_position": data_offset + done, "flops_offset": flops_offset,
+                    "flops_spent": done * tokens_per_step * flops_per_token, "growth": lineage,
+                    "pattention_scale_tokens": scale_tokens_of(model),
+                    "wall_time": wall_before + time.perf_counter() - run_t0,
                     "world_size": info.world_size, "config": asdict(cfg), "model_name": cfg.model,
                     "model_config": model_cfg.to_dict()}, is_main=info.is_main)
                 distributed.barrier(info)
@@ -266,12 +290,20 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
     done = end_step
     wall = wall_before + time.perf_counter() - run_t0
     summary.update({"steps": done, "tokens": done * tokens_per_step, "flops": done * tokens_per_step * flops_per_token,
+                    "flops_offset": flops_offset, "cumulative_flops": flops_offset + done * tokens_per_step * flops_per_token,
+                    "data_offset": data_offset, "growth": lineage, "init_from": cfg.init_from,
                     "wall_time_s": wall, "tokens_per_s": (done - start_step) * tokens_per_step / max(time.perf_counter() - run_t0, 1e-9),
                     "peak_memory_bytes": peak_memory_bytes(device), "final_train_loss": train_loss,
                     "complete": done >= steps, "resumed_from_step": start_step or None,
                     "dataset": dataset.meta_summary(), "environment": environment()})
     summary.update({k: v for k, v in last_eval.items()})
     return summary
+
+
+def _has_optimizer_state(path: Path) -> bool:
+    """A grown checkpoint with a fresh optimizer holds no optimizer state: the new AdamW starts empty."""
+    state = read_state(path)
+    return bool(state.get("optimizer", {}).get("state"))
 
 
 def _fault_injection(info: DistInfo) -> int | None:
