@@ -407,17 +407,19 @@ def release_memory(device: torch.device, collect: bool = True) -> None:
 
 class MemoryMeter:
     """Peak memory of a phase. CUDA: ``torch.cuda.max_memory_allocated`` (reset per phase; absolute, so it
-    includes the weights). CPU: the peak resident set sampled every ``interval`` s by a thread, minus the RSS
-    at ``start()`` (taken before the model is built, after gc + malloc_trim): weights, gradients, optimizer
-    state, activations and allocator slack -- approximate, and blind to spikes shorter than the interval."""
+    includes the weights). CPU: the peak resident set, sampled every ``interval`` s by a thread while
+    ``sampling()`` is active, minus the RSS at ``start()`` (taken before the model is built, after gc +
+    malloc_trim): weights, gradients, optimizer state, activations and allocator slack -- approximate, and
+    blind to spikes shorter than the interval. The bench samples during one extra *untimed* call after the
+    timed repeats: on a 2-core machine a waking thread stalls torch's OpenMP barriers and would skew timings."""
 
     def __init__(self, device: torch.device, interval: float = 0.002):
         self.device, self.interval = device, interval
         self.baseline, self._peak = 0, 0
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.method = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
-                       else f"RSS growth over the pre-build baseline, sampled every {interval * 1e3:.0f} ms")
+                       else f"RSS growth over the pre-build baseline, sampled every {interval * 1e3:.0f} ms "
+                            f"during an extra untimed call")
         if device.type != "cuda" and _rss_bytes() is None:
             self.method = "ru_maxrss growth (no /proc: a lower bound)"
 
@@ -429,17 +431,35 @@ class MemoryMeter:
         rss = _rss_bytes()
         if rss is None:
             self.baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            return self
-        self.baseline = self._peak = rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        else:
+            self.baseline = self._peak = rss
         return self
 
+    @contextlib.contextmanager
+    def sampling(self):
+        """Sample the RSS in a thread for the duration (CPU); nothing to do on CUDA."""
+        if self.device.type == "cuda" or _rss_bytes() is None:
+            yield self
+            return
+        self._stop.clear()
+        thread = threading.Thread(target=self._sample, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            thread.join()
+            self._observe()
+
+    def _observe(self) -> None:
+        rss = _rss_bytes()
+        if rss is not None and rss > self._peak:
+            self._peak = rss
+
     def _sample(self):
+        self._observe()
         while not self._stop.wait(self.interval):
-            rss = _rss_bytes()
-            if rss is not None and rss > self._peak:
-                self._peak = rss
+            self._observe()
 
     def reset_peak(self) -> None:
         if self.device.type == "cuda":
@@ -450,16 +470,13 @@ class MemoryMeter:
     def peak(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
-        rss = _rss_bytes()
-        if rss is None:
+        if _rss_bytes() is None:
             return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.baseline)
-        return max(0, max(self._peak, rss) - self.baseline)
+        self._observe()
+        return max(0, self._peak - self.baseline)
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
 
 
 def cache_nbytes(cache) -> int:
@@ -556,8 +573,10 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _train_phase(spec: BenchSpec, model, seq_len: int, batch: int, vocab: int) -> dict[str, Any]:
-    """Timed training steps on random tokens; the optimizer and data die with this frame."""
+def _train_phase(spec: BenchSpec, model, seq_len: int, batch: int, vocab: int,
+                 meter: MemoryMeter | None = None) -> dict[str, Any]:
+    """Timed training steps on random tokens, then (CPU) one untimed step sampled for peak memory; the
+    optimizer and data die with this frame."""
     from .config import OptimConfig
     from .train.optim import build_optimizer
     device = spec.device
@@ -571,21 +590,32 @@ def _train_phase(spec: BenchSpec, model, seq_len: int, batch: int, vocab: int) -
         times, first = time_repeats(
             lambda _: train_step(model, optimizer, loss_fn, inputs, targets, spec.amp_dtype),
             device, spec.warmup, spec.repeats)
+        if meter is not None and device.type != "cuda":  # CUDA: max_memory_allocated saw the timed steps
+            with meter.sampling():
+                train_step(model, optimizer, loss_fn, inputs, targets, spec.amp_dtype)
     finally:
         model.zero_grad(set_to_none=True)
     out = {f"train_{k}": v for k, v in throughput(times, batch * seq_len).items()}
     out["train_first_step_s"] = first
+    if meter is not None:
+        out["peak_memory_bytes"] = meter.peak()
     return out
 
 
-def _prefill_phase(spec: BenchSpec, model, seq_len: int, batch: int, vocab: int) -> dict[str, Any]:
-    """Prefill of ``batch`` prompts of seq_len tokens into a fresh cache (allocation not timed)."""
+def _prefill_phase(spec: BenchSpec, model, seq_len: int, batch: int, vocab: int,
+                   meter: MemoryMeter | None = None) -> dict[str, Any]:
+    """Prefill of ``batch`` prompts of seq_len tokens into a fresh cache (allocation not timed); then (CPU) one
+    untimed prefill sampled for peak memory."""
     g = torch.Generator(device="cpu").manual_seed(2)
     prompt = torch.randint(0, vocab, (batch, seq_len), generator=g).to(spec.device)
     times, _ = time_repeats(lambda c: prefill_step(model, prompt, c), spec.device, spec.warmup, spec.repeats,
                             setup=lambda: model.allocate_cache(batch, seq_len))
     out = {f"prefill_{k}": v for k, v in throughput(times, batch * seq_len).items()}
     out["prefill_batch"] = batch
+    if meter is not None and spec.device.type != "cuda":
+        cache = model.allocate_cache(batch, seq_len)
+        with meter.sampling():
+            prefill_step(model, prompt, cache)
     return out
 
 
@@ -665,10 +695,9 @@ def bench_row(spec: BenchSpec, model_name: str, preset: str, seq_len: int, batch
             row["scan_backend_expected"] = model.scan_backend() if is_ssm else None
 
             try:
-                row.update(_train_phase(spec, model, seq_len, batch, vocab))
+                row.update(_train_phase(spec, model, seq_len, batch, vocab, meter))
                 row["train_flops_per_s"] = row["train_tokens_per_s"] * row["flops_per_token"]
                 row["mfu"] = row["train_flops_per_s"] / peak["peak_flops"]
-                row["peak_memory_bytes"] = meter.peak()
                 if is_ssm:
                     row["scan_backend"] = model.last_backend or ssm_ops.last_backend()
             except Exception as e:  # noqa: BLE001
@@ -689,7 +718,7 @@ def bench_row(spec: BenchSpec, model_name: str, preset: str, seq_len: int, batch
                 except Exception as e:  # noqa: BLE001
                     failed("cache", e)
                 try:
-                    row.update(_prefill_phase(spec, model, seq_len, batch, vocab))
+                    row.update(_prefill_phase(spec, model, seq_len, batch, vocab, meter))
                 except Exception as e:  # noqa: BLE001
                     failed("prefill", e)
                 release_memory(device, collect=bool(row["errors"]))

@@ -174,7 +174,9 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
     # data_offset: batches are a pure function of (seed, data_offset + step); a run started from a grown
     # checkpoint continues the data stream where its base stopped. flops_offset: training FLOPs spent before
     # step 0 of this run (the base run of a growth chain), so records can count cumulative compute.
-    start_step, wall_before, data_offset, flops_offset, lineage = 0, 0.0, 0, 0.0, []
+    # run_start: the step this run started at (non-zero when a grown checkpoint continues its base's schedule);
+    # this run's tokens and FLOPs count from there
+    start_step, wall_before, data_offset, flops_offset, lineage, run_start = 0, 0.0, 0, 0.0, [], 0
     init_dir = None
     if resume and ckpt_dir.exists():
         init_dir = ckpt_dir
@@ -189,10 +191,12 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
         lineage = state.get("growth", [])
         if own:  # resuming this run
             wall_before, flops_offset = state.get("wall_time", 0.0), state.get("flops_offset", 0.0)
+            run_start = state.get("run_start", 0)
             if info.is_main:
                 _truncate_metrics(metrics_path, start_step)
         else:  # a new run from another run's (e.g. grown) checkpoint: its compute counts as spent before
             flops_offset = state.get("flops_offset", 0.0) + state.get("flops_spent", 0.0)
+            run_start = start_step
             if info.is_main and metrics_path.exists():
                 metrics_path.unlink()
     elif info.is_main and metrics_path.exists():
@@ -245,17 +249,18 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
             record = None
             if done % cfg.log_every == 0 or done == steps:
                 elapsed = time.perf_counter() - window_t0
-                record = {"step": done, "tokens": done * tokens_per_step, "flops": done * tokens_per_step * flops_per_token,
-                          "cumulative_flops": flops_offset + done * tokens_per_step * flops_per_token,
+                spent = (done - run_start) * tokens_per_step
+                record = {"step": done, "tokens": spent, "flops": spent * flops_per_token,
+                          "cumulative_flops": flops_offset + spent * flops_per_token,
                           "loss": window_loss / window_n, "lr": lr, "grad_norm": grad_norm,
                           "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
                 window_loss, window_n, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
             if done % cfg.eval_every == 0 or done == steps:
                 last_eval = evaluate(wrapped, dataset, seq_len, cfg.batch_size, micro, cfg.eval_batches, device,
                                      amp_dtype, info)
-                record = record or {"step": done, "tokens": done * tokens_per_step,
-                                    "flops": done * tokens_per_step * flops_per_token,
-                                    "cumulative_flops": flops_offset + done * tokens_per_step * flops_per_token}
+                spent = (done - run_start) * tokens_per_step
+                record = record or {"step": done, "tokens": spent, "flops": spent * flops_per_token,
+                                    "cumulative_flops": flops_offset + spent * flops_per_token}
                 record.update(last_eval)
             if record is not None and metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
@@ -274,7 +279,8 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
             if done % cfg.checkpoint_every == 0 or done == steps:
                 save_checkpoint(ckpt_dir, wrapped, optimizer, {
                     "step": done, "data_position": data_offset + done, "flops_offset": flops_offset,
-                    "flops_spent": done * tokens_per_step * flops_per_token, "growth": lineage,
+                    "flops_spent": (done - run_start) * tokens_per_step * flops_per_token, "run_start": run_start,
+                    "growth": lineage,
                     "pattention_scale_tokens": scale_tokens_of(model),
                     "wall_time": wall_before + time.perf_counter() - run_t0,
                     "world_size": info.world_size, "config": asdict(cfg), "model_name": cfg.model,
@@ -289,8 +295,9 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
             writer.close()
     done = end_step
     wall = wall_before + time.perf_counter() - run_t0
-    summary.update({"steps": done, "tokens": done * tokens_per_step, "flops": done * tokens_per_step * flops_per_token,
-                    "flops_offset": flops_offset, "cumulative_flops": flops_offset + done * tokens_per_step * flops_per_token,
+    spent = (done - run_start) * tokens_per_step
+    summary.update({"steps": done, "tokens": spent, "flops": spent * flops_per_token,
+                    "flops_offset": flops_offset, "cumulative_flops": flops_offset + spent * flops_per_token,
                     "data_offset": data_offset, "growth": lineage, "init_from": cfg.init_from,
                     "wall_time_s": wall, "tokens_per_s": (done - start_step) * tokens_per_step / max(time.perf_counter() - run_t0, 1e-9),
                     "peak_memory_bytes": peak_memory_bytes(device), "final_train_loss": train_loss,
