@@ -210,17 +210,24 @@ def make_spec(model=None, preset=None, seq_len=None, batch_size=None, decode_bat
     seq_lens = _ints(seq_len, "--seq-len", 2)
     if sweep:
         seq_lens = list(GPU_SWEEP if dev.type == "cuda" else CPU_SWEEP)
-    r = _ints(repeats, "--repeats", 1)
-    w = _ints(warmup, "--warmup", 0)
-    dt = _ints(decode_tokens, "--decode-tokens", 1)
+
+    def single(value, what, minimum, default):
+        values = _ints(value, what, minimum)
+        if values and len(values) > 1:
+            raise BenchError(f"{what}: expected one integer, got {value!r}")
+        return values[0] if values else default
+
+    repeats = single(repeats, "--repeats", 1, defaults["repeats"])
+    warmup = single(warmup, "--warmup", 0, defaults["warmup"])
+    if compile:  # the first call compiles: never time it
+        warmup = max(warmup, 1)
     return BenchSpec(
         cells=cells,
         seq_lens=seq_lens or list(defaults["seq_lens"]),
         batch_sizes=_ints(batch_size, "--batch-size", 1) or list(defaults["batch_sizes"]),
         decode_batches=_ints(decode_batch, "--decode-batch", 1) or list(defaults["decode_batches"]),
-        decode_tokens=dt[0] if dt else defaults["decode_tokens"],
-        repeats=r[0] if r else defaults["repeats"],
-        warmup=w[0] if w else defaults["warmup"],
+        decode_tokens=single(decode_tokens, "--decode-tokens", 1, defaults["decode_tokens"]),
+        repeats=repeats, warmup=warmup,
         device=dev, dtype=dtype, compile=bool(compile), backend=backend,
         out=Path(out) if out else DEFAULT_ROOT, sweep=bool(sweep))
 
@@ -563,11 +570,6 @@ def device_name(device: torch.device) -> str:
 # ==========================================================================================================
 # One row
 # ==========================================================================================================
-def row_key(row: dict[str, Any]) -> tuple:
-    return tuple(row.get(k) for k in ("model", "preset", "seq_len", "batch_size", "device", "device_name",
-                                      "dtype", "compile", "backend"))
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]

@@ -257,9 +257,10 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> bool:
     sns.set_theme(style="whitegrid")
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     style = "variant" if df["variant"].nunique() > 1 else None
-    sns.lineplot(data=df, x="seq_len", y="train tokens/s", hue="model", style=style, markers=True,
-                 dashes=style is not None, errorbar=None, ax=ax)
+    marks = {"style": style, "markers": True, "dashes": True} if style else {"marker": "o"}
+    sns.lineplot(data=df, x="seq_len", y="train tokens/s", hue="model", errorbar=None, ax=ax, **marks)
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ticks = sorted(df["seq_len"].unique())
     ax.set_xticks(ticks)
     ax.set_xticklabels([str(t) for t in ticks])

@@ -59,13 +59,17 @@ class Cell:
     lr_from_sweep: bool = False     # main cell whose peak LR comes from the sweep
     entry_index: int = 0            # position of the model entry (a rung of a waterfall)
     compare_to: str | None = None   # the label this entry is compared with in a waterfall (default: previous)
+    grow: dict[str, Any] | None = None  # growth stage: {"from": label, method, init, optimizer, schedule}
+    reference: bool = False         # the from-scratch reference of a growth-cost table
 
     @property
     def config_hash(self) -> str:
         cfg = asdict(self.config)
-        for volatile in ("progress", "device", "parallel", "eval_tasks", "eval_limit", "eval_bootstrap_iters"):
-            # how to run and what to measure afterwards, not what to train
+        for volatile in ("progress", "device", "parallel", "eval_tasks", "eval_limit", "eval_bootstrap_iters",
+                         "init_from"):
+            # how to run and what to measure afterwards, not what to train (init_from follows from `grow`)
             cfg.pop(volatile, None)
+        cfg["grow"] = self.grow
         return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -175,12 +179,24 @@ def expand(raw: dict[str, Any], source: str = "<dict>", overrides: dict[str, Any
         if compare_to is not None and compare_to not in labels:
             raise ConfigError(f"{source}: models[{mi}].compare_to: {compare_to!r} is not the label of an earlier "
                               f"entry ({', '.join(labels) or 'none'})")
+        grow = entry.pop("grow_from", None)
+        reference = entry.pop("reference", False)
+        if grow is not None:
+            allowed = {"from", "method", "init", "optimizer", "schedule"}
+            if not isinstance(grow, dict) or set(grow) - allowed or "from" not in grow or "method" not in grow:
+                raise ConfigError(f"{source}: models[{mi}].grow_from needs from and method (and optionally init, "
+                                  f"optimizer, schedule)")
+            if grow["from"] not in labels:
+                raise ConfigError(f"{source}: models[{mi}].grow_from.from: {grow['from']!r} is not the label of an "
+                                  f"earlier entry ({', '.join(labels) or 'none'})")
+            grow = {"optimizer": "fresh", "schedule": "restart", **grow}
+        own_budget = "budget" in entry  # an entry with its own budget (a growth stage) ignores the budgets list
         labels.append(label)
-        tuned = sweep is not None and "lr" not in (entry.get("optim") or {})
+        tuned = sweep is not None and "lr" not in (entry.get("optim") or {}) and grow is None
 
         def add(phase, bi, seed, lr=None):
             settings = merge(defaults, entry)
-            if budgets[bi] is not None:
+            if budgets[bi] is not None and not own_budget:
                 settings["budget"] = budgets[bi]
             settings["seed"] = seed
             if lr is not None:
@@ -196,13 +212,13 @@ def expand(raw: dict[str, Any], source: str = "<dict>", overrides: dict[str, Any
                 raise ConfigError(f"{where}: two cells would share the id {cell_id}; give the entries labels")
             seen.add(cell_id)
             cells.append(Cell(name, cell_id, cfg, label, phase, entry_matching, bi, phase == "main" and tuned, mi,
-                              compare_to))
+                              compare_to, grow, bool(reference)))
 
         if tuned:
             for lr in sweep_values:
                 for seed in sweep_seeds:
                     add("sweep", sweep_budget, seed, lr)
-        for bi in range(len(budgets)):
+        for bi in range(1 if own_budget else len(budgets)):
             for seed in seeds:
                 add("main", bi, seed)
     iso_params = [c for c in cells if c.matching == "iso_params"]
@@ -307,6 +323,40 @@ def run_matrix(matrix: Matrix, root: str | Path = store.DEFAULT_ROOT, force: boo
     return records
 
 
+GROWN_DIR = "grown_init"
+
+
+def _prepare_growth(matrix: Matrix, cell: Cell, root: Path, directory: Path, status: str, log) -> dict[str, Any]:
+    """Grow the base cell's final checkpoint (same seed) into <cell>/grown_init and start this cell from it:
+    the data stream continues where the base stopped, and the base's FLOPs count towards this cell's
+    cumulative compute."""
+    from .grow import grow_checkpoint
+
+    base = next((c for c in matrix.main_cells if c.label == cell.grow["from"] and c.config.seed == cell.config.seed),
+                None)
+    if base is None:
+        raise ConfigError(f"{cell.cell_id}: no base cell {cell.grow['from']!r} with seed {cell.config.seed}")
+    base_dir = store.cell_dir(root, matrix.name, base.cell_id)
+    base_rec = store.read_record(base_dir) or {}
+    if base_rec.get("status") != "complete":
+        raise ConfigError(f"{cell.cell_id}: its base cell {base.cell_id} is not complete")
+    grown = directory / GROWN_DIR
+    event_path = directory / "growth_event.json"
+    if status == "new" or not event_path.exists():
+        spec = {k: v for k, v in cell.grow.items() if k != "from"}
+        event = grow_checkpoint(base_dir / "checkpoint", grown, to=dict(cell.config.model_overrides),
+                                to_preset=cell.config.preset, seed=cell.config.seed, overwrite=True, **spec)
+        event["loss_before"] = base_rec.get("val_loss")
+        store.write_json_atomic(event_path, event)
+        log(f"    grown from {base.cell_id}: {event['params_before']:,} -> {event['params_after']:,} params, "
+            f"relative logit change {event['gap']['rel_logit_change']:.3g}")
+    else:
+        event = json.loads(event_path.read_text())
+    cell.config = copy.deepcopy(cell.config)
+    cell.config.init_from = str(grown)
+    return event
+
+
 def _wants_eval(cell: Cell, record: dict[str, Any]) -> bool:
     cfg = cell.config
     done = record.get("lm_eval") or {}
@@ -354,12 +404,24 @@ def _run_cells(matrix: Matrix, cells: list[Cell], root: Path, force: bool, log, 
             records.append(record)
             continue
         log(f"[{phase} {i}/{len(cells)}] {cell.cell_id}: {'resuming' if status == 'partial' else 'training'}")
+        growth_event = None
+        if cell.grow is not None:
+            try:
+                growth_event = _prepare_growth(matrix, cell, root, directory, status, log)
+            except Exception as e:  # noqa: BLE001 - a failed growth is this cell's failure
+                record = {"matrix": matrix.name, "cell_id": cell.cell_id, "label": cell.label, "phase": cell.phase,
+                          "config_hash": cell.config_hash, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+                store.write_record(directory, record)
+                log(f"    failed: {record['error']}")
+                records.append(record)
+                continue
         base = {"matrix": matrix.name, "matrix_source": matrix.source, "cell_id": cell.cell_id,
                 "config_hash": cell.config_hash, "config": asdict(cell.config), "model": cell.config.model,
                 "preset": cell.config.preset, "label": cell.label, "phase": cell.phase, "matching": cell.matching,
                 "budget_index": cell.budget_index, "seed": cell.config.seed, "lr": cell.config.optim.lr,
                 "lr_from_sweep": cell.lr_from_sweep, "entry_index": cell.entry_index, "compare_to": cell.compare_to,
-                "waterfall": matrix.waterfall, "budget": asdict(cell.config.budget),
+                "waterfall": matrix.waterfall, "grow": cell.grow, "reference": cell.reference,
+                "growth_event": growth_event, "budget": asdict(cell.config.budget),
                 "budget_label": cell.config.budget.label(), "git_revision": store.git_revision(),
                 "versions": store.library_versions()}
         t0 = time.time()

@@ -91,6 +91,7 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Path:
         if plain["budget"].nunique() > 1:
             _frontier_plot(plain, out_dir / FRONTIER_PLOT)
             lines += [f"![best validation loss per budget]({FRONTIER_PLOT})", ""]
+    lines += growth_section(root, out_dir)
     lines += zero_shot_section(root)
     sweep = df[df["phase"] == "sweep"]
     if not sweep.empty:
@@ -150,6 +151,128 @@ def matched_compute_section(df: pd.DataFrame, reference_model: str = REFERENCE_M
         table = pd.DataFrame(rows).sort_values("_sort").drop(columns="_sort")
         lines += [f"### {matrix} — {budget} ({matching})", "", table.to_markdown(index=False), ""]
     return lines
+
+
+GROWTH_PLOT = "growth_loss_vs_cumulative_flops.png"
+
+
+def _target_key(rec: dict) -> str:
+    cfg = rec.get("config") or {}
+    overrides = {k: v for k, v in (cfg.get("model_overrides") or {}).items() if k not in ("vocab_size", "max_seq_len")}
+    return json.dumps([rec.get("model"), rec.get("preset"), overrides], sort_keys=True)
+
+
+def _val_curve(directory: Path) -> list[tuple[float, float]]:
+    path = Path(directory) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return [(m.get("cumulative_flops", m["flops"]), m["val_loss"]) for m in rows if "val_loss" in m]
+
+
+def growth_section(root: str | Path, out_dir: Path) -> list[str]:
+    """The growth-cost table: per method (matrix entry) and target size, FLOPs to reach the from-scratch
+    reference's final validation loss with the base run counted, speedup and savings against scratch, the
+    final loss against scratch (Welch; 'not distinguishable' where p >= 0.05), and the growth gap."""
+    recs = [(d, r) for d, r in store.iter_records(root) if r.get("phase", "main") == "main" and r.get("status") == "complete"]
+    matrices = {r.get("matrix") for _, r in recs if r.get("grow")}
+    if not matrices:
+        return []
+    lines = ["## Growth cost (base run counted)", "",
+             "Target = the from-scratch reference's mean final validation loss at the same size. FLOPs are cumulative "
+             "training FLOPs including the base run(s). Speedup = scratch FLOPs to the target ÷ the method's; savings = "
+             "1 − the method's total FLOPs ÷ scratch's total. Gap: relative logit change on a fixed batch at growth, "
+             "and validation loss just before → just after growth.", ""]
+    curves = []
+    for matrix in sorted(matrices):
+        mrecs = [(d, r) for d, r in recs if r.get("matrix") == matrix]
+        refs: dict[str, list] = {}
+        for d, r in mrecs:
+            if r.get("reference"):
+                refs.setdefault(_target_key(r), []).append((d, r))
+        by_label: dict[str, list] = {}
+        for d, r in mrecs:
+            by_label.setdefault(r.get("label"), []).append((d, r))
+            for flops, loss in _val_curve(d):
+                curves.append({"label": r.get("label"), "seed": r.get("seed"), "cumulative_flops": flops,
+                               "val_loss": loss, "grown_at": r.get("flops_offset") if r.get("grow") else None})
+        rows = []
+        for label, items in by_label.items():
+            rec0 = items[0][1]
+            ref = refs.get(_target_key(rec0), [])
+            if not rec0.get("grow") and not rec0.get("reference"):
+                continue  # base stages appear through the grown rows' cumulative FLOPs
+            target = (sum(r["val_loss"] for _, r in ref) / len(ref)) if ref else None
+            losses = [r["val_loss"] for _, r in items]
+            totals = [r.get("cumulative_flops", r.get("flops")) for _, r in items]
+
+            def to_target(pairs):
+                hits = [f for d, _ in pairs for f in [next((fl for fl, lo in _val_curve(d) if lo <= target), None)]]
+                return hits
+
+            hits = to_target(items) if target is not None else []
+            reached = [h for h in hits if h is not None]
+            ref_hits = [h for h in (to_target(ref) if target is not None else []) if h is not None]
+            loss_m, loss_h = stats.mean_ci(losses)
+            hit_m, hit_h = stats.mean_ci(reached)
+            speed = (sum(ref_hits) / len(ref_hits)) / hit_m if reached and ref_hits else float("nan")
+            ref_total = sum(r.get("cumulative_flops", r.get("flops")) for _, r in ref) / len(ref) if ref else None
+            savings = 1 - (sum(totals) / len(totals)) / ref_total if ref_total else float("nan")
+            if rec0.get("reference"):
+                verdict_txt = "(reference)"
+            elif ref:
+                v, p = stats.verdict(losses, [r["val_loss"] for _, r in ref])
+                verdict_txt = f"{v} (p={p:.3g})" if math.isfinite(p) else v
+            else:
+                verdict_txt = "-"
+            events = [r.get("growth_event") or {} for _, r in items]
+            gaps = [e.get("gap", {}).get("rel_logit_change") for e in events if e.get("gap")]
+            before = [e.get("loss_before") for e in events if e.get("loss_before") is not None]
+            after = [r.get("init_val_loss") for _, r in items if r.get("init_val_loss") is not None]
+            gap_txt = "-"
+            if gaps:
+                gap_txt = f"{sum(gaps) / len(gaps):.3g}"
+                if before and after:
+                    gap_txt += f"; {sum(before) / len(before):.3f} → {sum(after) / len(after):.3f}"
+            grow = rec0.get("grow") or {}
+            method = "scratch" if rec0.get("reference") else " ".join(
+                str(grow.get(k)) for k in ("method", "init", "optimizer", "schedule") if grow.get(k))
+            rows.append({"entry": label, "method": method, "target": f"{rec0.get('model')}/{rec0.get('preset')}",
+                         "seeds": len(items), "final val loss": stats.fmt_ci(loss_m, loss_h),
+                         "total FLOPs": _fmt(sum(totals) / len(totals), "flops"),
+                         "FLOPs to target": (stats.fmt_ci(hit_m / 1e12, hit_h / 1e12, 3) + "T" if reached else "not reached")
+                         + (f" ({len(reached)}/{len(hits)})" if hits and len(reached) < len(hits) else ""),
+                         "speedup": f"{speed:.2f}x" if math.isfinite(speed) else "-",
+                         "savings": f"{savings:+.0%}" if math.isfinite(savings) else "-",
+                         "vs scratch": verdict_txt, "growth gap": gap_txt})
+        if rows:
+            lines += [f"### {matrix}", "", pd.DataFrame(rows).to_markdown(index=False), ""]
+    if curves:
+        _growth_plot(pd.DataFrame(curves), out_dir / GROWTH_PLOT)
+        lines += [f"![validation loss against cumulative FLOPs]({GROWTH_PLOT})", ""]
+    return lines
+
+
+def _growth_plot(curves: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    sns.lineplot(data=curves, x="cumulative_flops", y="val_loss", hue="label", errorbar=None, ax=ax)
+    grown = curves.dropna(subset=["grown_at"])
+    first = grown.sort_values("cumulative_flops").groupby(["label", "seed"]).head(1)
+    ax.scatter(first["cumulative_flops"], first["val_loss"], marker="x", color="black", zorder=5, label="growth")
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative training FLOPs (base runs included)")
+    ax.set_ylabel("validation loss")
+    ax.set_title("Growth against training from scratch")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def zero_shot_section(root: str | Path) -> list[str]:

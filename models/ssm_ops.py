@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import math
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -353,15 +354,21 @@ def _scan_chunk(delta, du, A, B, C, h0):
 # Tile size of the scan's scratch buffers, in elements of one (chunk, tile, N) buffer. The scan is bound by
 # memory traffic, so its buffers should stay in the per-core L2 cache (2 MiB on the CI machines): the
 # (B, D) plane is cut into tiles of whole batch rows (or of channels of one row, for a wide D) whose chunk
-# buffers hold about this many elements, and each tile is scanned on its own -- the recurrence never mixes
-# tiles. Measured on the tiny / small presets (1-2 threads): 2^16..2^18 run 25-35% faster than untiled
-# (2^16: 2^18 elements = 1 MiB in fp32 per buffer, 3 buffers in backward); much smaller tiles pay per-op
-# overhead instead.
+# buffers hold about this many elements, and each tile is scanned on its own (the recurrence never mixes
+# tiles). 2^18 fp32 = 1 MiB: with two threads each core streams half of each of the backward's 3 buffers.
+# Measured on the tiny / small presets: 2^17..2^18 run 15-30% faster than untiled; smaller tiles pay Python /
+# dispatch overhead per op instead (every tile is ~100 small ops).
 _TILE_ELEMS = 1 << 18
 
 
-def _tiles(batch: int, dim: int, per_channel: int) -> list[tuple[slice, slice]]:
-    """(batch rows, channels) tiles of the (B, D) plane, each about _TILE_ELEMS / per_channel channels."""
+def _tiles(batch: int, dim: int, per_channel: int, device: torch.device) -> list[tuple[slice, slice]]:
+    """(batch rows, channels) tiles of the (B, D) plane, each about _TILE_ELEMS / per_channel channels.
+
+    CPU only: elsewhere (CUDA without kernels, meta) one tile, the whole plane -- a GPU has no use for
+    L2-sized pieces and would pay a kernel launch per op per tile.
+    """
+    if device.type != "cpu":
+        return [(slice(0, batch), slice(0, dim))]
     channels = max(1, _TILE_ELEMS // per_channel)
     if channels < dim:  # a row is too big: tiles of channels within a row
         return [(slice(b, b + 1), slice(d, min(d + channels, dim))) for b in range(batch) for d in range(0, dim, channels)]
@@ -369,13 +376,20 @@ def _tiles(batch: int, dim: int, per_channel: int) -> list[tuple[slice, slice]]:
     return [(slice(b, min(b + rows, batch)), slice(0, dim)) for b in range(0, batch, rows)]
 
 
-def _chunks(seqlen: int, chunk_size: int) -> list[tuple[int, int]]:
-    return [(s, min(s + chunk_size, seqlen)) for s in range(0, seqlen, chunk_size)]
+def _buffers(like: torch.Tensor, count: int, chunk: int, tiles, n: int) -> list[torch.Tensor]:
+    """``count`` flat scratch buffers, each big enough for the largest (chunk, tile, N) of ``tiles``."""
+    numel = max((chunk * (bs.stop - bs.start) * (ds.stop - ds.start) * n for bs, ds in tiles), default=0)
+    return [like.new_empty(numel) for _ in range(count)]
+
+
+def _view(buf: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A contiguous tensor of ``shape`` at the start of a flat scratch buffer."""
+    return buf[:math.prod(shape)].view(shape)
 
 
 def _scan_forward(delta, du, A, Bt, Ct, h0, chunk_size, starts=None):
-    """The whole scan, time-major, tile by tile and chunk by chunk. delta, du (L, B, D); A (D, N); Bt, Ct
-    (L, B, N) (any strides: each chunk's slice is copied contiguous, a few % of its work); h0 (B, D, N).
+    """The whole scan, time-major, chunk by chunk and tile by tile. delta, du (L, B, D); A (D, N); Bt, Ct
+    (L, B, N) (any strides: each chunk's slice is copied contiguous, ~1/N of the chunk's work); h0 (B, D, N).
 
     Returns y (L, B, D), h_last (B, D, N). ``starts`` (n_chunks, B, D, N), when given, receives the state
     entering each chunk (all the backward needs to recompute any chunk on its own).
@@ -383,36 +397,24 @@ def _scan_forward(delta, du, A, Bt, Ct, h0, chunk_size, starts=None):
     seqlen = delta.shape[0]
     batch, dim, n = h0.shape
     y = delta.new_empty(seqlen, batch, dim)
-    h_last = h0.new_empty(h0.shape)
-    tiles = _tiles(batch, dim, min(chunk_size, seqlen) * n)
-    buf = delta.new_empty(2, _tile_numel(tiles, chunk_size, seqlen, n))
-    for bs, ds in tiles:
-        A_t, h = A[ds], h0[bs, ds]
-        for c, (s, e) in enumerate(_chunks(seqlen, chunk_size)):
-            shape = (e - s, *h.shape)  # (Lc, b, d, N)
-            a, hs = buf[0, :_numel(shape)].view(shape), buf[1, :_numel(shape)].view(shape)
-            if starts is not None:
-                starts[c, bs, ds] = h
-            delta_c, du_c = delta[s:e, bs, ds].contiguous(), du[s:e, bs, ds].contiguous()
-            _chunk_states_(a, hs, delta_c, du_c, A_t, Bt[s:e, bs].contiguous(), h)
-            h = hs[-1].clone()  # (b, d, N); the buffers are reused by the next chunk
+    h = h0.clone()  # (B, D, N) the carry, updated tile by tile (tiles are disjoint)
+    tiles = _tiles(batch, dim, min(chunk_size, seqlen) * n, delta.device)
+    a_buf, h_buf = _buffers(delta, 2, min(chunk_size, seqlen), tiles, n)
+    for c, s in enumerate(range(0, seqlen, chunk_size)):
+        e = min(s + chunk_size, seqlen)
+        if starts is not None:
+            starts[c] = h
+        delta_c, du_c, Bt_c, Ct_c = (t[s:e].contiguous() for t in (delta, du, Bt, Ct))
+        for bs, ds in tiles:
+            h_t = h[bs, ds]  # (b, d, N)
+            shape = (e - s, *h_t.shape)  # (Lc, b, d, N)
+            a, hs = _view(a_buf, shape), _view(h_buf, shape)
+            _chunk_states_(a, hs, delta_c[:, bs, ds], du_c[:, bs, ds], A[ds], Bt_c[:, bs], h_t)
+            h_t.copy_(hs[-1])
             # y_t = <h_t, C_t>: an elementwise product + sum on purpose (not a matmul) -- the scan's FLOPs are
             # then all invisible to FlopCounterMode and added back by hand (MambaConfig.uncounted_flops_per_token)
-            y[s:e, bs, ds] = torch.mul(hs, Ct[s:e, bs, None], out=a).sum(-1)
-        h_last[bs, ds] = h
-    return y, h_last
-
-
-def _numel(shape) -> int:
-    numel = 1
-    for s in shape:
-        numel *= s
-    return numel
-
-
-def _tile_numel(tiles, chunk_size: int, seqlen: int, n: int) -> int:
-    """Elements of the largest (chunk, tile, N) buffer."""
-    return max((min(chunk_size, seqlen) * (bs.stop - bs.start) * (ds.stop - ds.start) * n for bs, ds in tiles), default=0)
+            torch.sum(torch.mul(hs, Ct_c[:, bs, None], out=a), -1, out=y[s:e, bs, ds])
+    return y, h
 
 
 class _SelectiveScanFn(torch.autograd.Function):
@@ -435,7 +437,7 @@ class _SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, delta, du, A, Bt, Ct, h0, chunk_size):
-        A, h0 = A.contiguous(), h0.contiguous()
+        A = A.contiguous()
         n_chunks = -(-delta.shape[0] // chunk_size)
         starts = delta.new_empty(n_chunks, *h0.shape)  # state entering each chunk
         y, h_last = _scan_forward(delta, du, A, Bt, Ct, h0, chunk_size, starts=starts)
@@ -450,39 +452,49 @@ class _SelectiveScanFn(torch.autograd.Function):
         chunk_size, seqlen = ctx.chunk_size, delta.shape[0]
         batch, dim, n = starts.shape[1:]
         d_delta, d_du = delta.new_empty(delta.shape), du.new_empty(du.shape)  # (L, B, D), contiguous
-        dBt, dCt = Bt.new_zeros(Bt.shape), Ct.new_zeros(Ct.shape)  # (L, B, N): sums over D, tile by tile
+        dBt, dCt = Bt.new_empty(Bt.shape), Ct.new_empty(Ct.shape)  # (L, B, N)
         dA = torch.zeros_like(A)
-        dh0 = starts.new_empty(starts.shape[1:])
-        tiles = _tiles(batch, dim, min(chunk_size, seqlen) * n)
-        buf = delta.new_empty(3, _tile_numel(tiles, chunk_size, seqlen, n))
-        for bs, ds in tiles:
-            A_t = A[ds]
-            g_carry = dh_last[bs, ds]  # dL/dh at the end of the chunk being processed, from everything after it
-            for c, (s, e) in reversed(list(enumerate(_chunks(seqlen, chunk_size)))):
-                h_in = starts[c, bs, ds]
+        g_carry = dh_last.clone()  # (B, D, N) dL/dh at the end of the chunk being processed, from what follows
+        tiles = _tiles(batch, dim, min(chunk_size, seqlen) * n, delta.device)
+        whole_rows = all(ds.stop - ds.start == dim for _, ds in tiles)  # else dB, dC sum over several tiles
+        if not whole_rows:
+            dBt.zero_(), dCt.zero_()
+        bufs = _buffers(delta, 3, min(chunk_size, seqlen), tiles, n)
+        for c in reversed(range(starts.shape[0])):
+            s, e = c * chunk_size, min((c + 1) * chunk_size, seqlen)
+            delta_c, du_c, dy_c, Bt_c, Ct_c = (t[s:e].contiguous() for t in (delta, du, dy, Bt, Ct))
+            for bs, ds in tiles:
+                h_in = starts[c, bs, ds]  # (b, d, N)
                 shape = (e - s, *h_in.shape)  # (Lc, b, d, N)
-                a, h, w = (buf[i, :_numel(shape)].view(shape) for i in range(3))
-                delta_c, du_c, dy_c = (t[s:e, bs, ds].contiguous() for t in (delta, du, dy))
-                Bt_c, Ct_c = Bt[s:e, bs].contiguous(), Ct[s:e, bs, None]  # (Lc, b, N), (Lc, b, 1, N)
+                a, h, w = (_view(buf, shape) for buf in bufs)
+                delta_t, du_t, dy_t = delta_c[:, bs, ds, None], du_c[:, bs, ds, None], dy_c[:, bs, ds, None]
+                Bt_t, Ct_t, A_t = Bt_c[:, bs, None], Ct_c[:, bs, None], A[ds]  # (Lc, b, 1, N), (d, N)
                 # recompute the chunk: a = exp(delta A) (kept intact, the scan works in w), h = its states
-                _chunk_states_(a, h, delta_c, du_c, A_t, Bt_c, h_in, scratch=w)
-                Bt_c = Bt_c[:, :, None]
+                _chunk_states_(a, h, delta_t[..., 0], du_t[..., 0], A_t, Bt_t[:, :, 0], h_in, scratch=w)
                 # w_t = a_t h_{t-1}, the decayed previous state (while h still holds the states)
                 torch.mul(a[1:], h[:-1], out=w[1:])
                 torch.mul(a[0], h_in, out=w[0])
-                dCt[s:e, bs] += h.mul_(dy_c[..., None]).sum(2)  # dC_t = sum_d dy_t h_t
+                _sum_into(h.mul_(dy_t), 2, dCt[s:e, bs], whole_rows)  # dC_t = sum_d dy_t h_t
                 # the adjoint recurrence in h's buffer: g_t = dy_t C_t (+ the carry at the last step) + a_{t+1} g_{t+1}
-                g = torch.mul(dy_c[..., None], Ct_c, out=h)
-                g[-1].add_(g_carry)
+                g = torch.mul(dy_t, Ct_t, out=h)
+                g_t = g_carry[bs, ds]
+                g[-1].add_(g_t)
                 _rscan_(a[1:], g)  # clobbers a_1.. (a_0 is still needed, for the carry)
-                g_carry = a[0] * g[0]  # dL/dh entering this chunk = dL/dh_last of the chunk before
-                d_du[s:e, bs, ds] = torch.mul(g, Bt_c, out=a).sum(-1)  # d(du)_t = sum_n g_t B_t
-                dBt[s:e, bs] += torch.mul(g, du_c[..., None], out=a).sum(2)  # dB_t = sum_d g_t du_t
+                torch.mul(a[0], g[0], out=g_t)  # dL/dh entering this chunk = dL/dh_last of the chunk before
+                torch.sum(torch.mul(g, Bt_t, out=a), -1, out=d_du[s:e, bs, ds])  # d(du)_t = sum_n g_t B_t
+                _sum_into(torch.mul(g, du_t, out=a), 2, dBt[s:e, bs], whole_rows)  # dB_t = sum_d g_t du_t
                 w.mul_(g)  # dL/d(delta_t A)
-                d_delta[s:e, bs, ds] = torch.mul(w, A_t, out=a).sum(-1)
-                dA[ds] += torch.mul(w, delta_c[..., None], out=a).sum((0, 1))
-            dh0[bs, ds] = g_carry
-        return d_delta, d_du, dA, dBt, dCt, (dh0 if ctx.needs_input_grad[5] else None), None
+                torch.sum(torch.mul(w, A_t, out=a), -1, out=d_delta[s:e, bs, ds])
+                dA[ds] += torch.mul(w, delta_t, out=a).sum((0, 1))
+        return d_delta, d_du, dA, dBt, dCt, (g_carry if ctx.needs_input_grad[5] else None), None
+
+
+def _sum_into(x: torch.Tensor, dim: int, out: torch.Tensor, overwrite: bool) -> None:
+    """out = x.sum(dim) when a tile covers every channel, else out += (other tiles add their channels)."""
+    if overwrite:
+        torch.sum(x, dim, out=out)
+    else:
+        out += x.sum(dim)
 
 
 def selective_scan_ref(

@@ -203,6 +203,15 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
         metrics_path.unlink()
     distributed.barrier(info)
 
+    init_eval: dict[str, Any] = {}
+    if init_dir is not None and init_dir != ckpt_dir:
+        # the starting point's validation loss (e.g. just after growth: the function-preservation gap)
+        init_eval = evaluate(wrapped, dataset, seq_len, cfg.batch_size, micro, cfg.eval_batches, device, amp_dtype, info)
+        if info.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"step": start_step, "tokens": 0, "flops": 0.0, "cumulative_flops": flops_offset,
+                                    **init_eval}) + "\n")
+
     step_fn = torch.compile(wrapped) if cfg.compile else wrapped
     writer = _tensorboard(out_dir) if cfg.tensorboard and info.is_main else None
     summary: dict[str, Any] = {"params": model.num_params(), "non_embedding_params": model.num_params(True),
@@ -299,6 +308,7 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
     summary.update({"steps": done, "tokens": spent, "flops": spent * flops_per_token,
                     "flops_offset": flops_offset, "cumulative_flops": flops_offset + spent * flops_per_token,
                     "data_offset": data_offset, "growth": lineage, "init_from": cfg.init_from,
+                    **({"init_val_loss": init_eval["val_loss"]} if init_eval else {}),
                     "wall_time_s": wall, "tokens_per_s": (done - start_step) * tokens_per_step / max(time.perf_counter() - run_t0, 1e-9),
                     "peak_memory_bytes": peak_memory_bytes(device), "final_train_loss": train_loss,
                     "complete": done >= steps, "resumed_from_step": start_step or None,

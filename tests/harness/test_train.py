@@ -172,3 +172,33 @@ def test_lr_sweep_chooses_per_model_rate_and_carries_it(corpus, tmp_path):
     main = [r for r in records if r["phase"] == "main"]
     assert len(main) == 2 and all(r["lr"] == 1e-2 and r["lr_from_sweep"] for r in main)
     assert {r["budget_index"] for r in main} == {0, 1}
+
+
+def test_growth_chain_in_a_matrix(corpus, tmp_path):
+    """base -> grown (preserving) with the data stream and cumulative FLOPs continuing, plus a scratch
+    reference; the report's growth-cost table comes out of it."""
+    from dataclasses import asdict
+
+    from harness.report import write_report
+    defaults = asdict(config(corpus, tmp_path / "c", budget={"steps": 4}))
+    big = {"qkv_tokens": 96, "proj_tokens": 96, "ffn_hidden": 384}
+    m = expand({"name": "gr", "defaults": defaults, "models": [
+        {"label": "base", "model": "tokenformer", "preset": "tiny", "budget": {"steps": 4}},
+        {"label": "grown", "model": "tokenformer", "preset": "tiny", "budget": {"steps": 3}, "model_overrides": big,
+         "grow_from": {"from": "base", "method": "tokens", "init": "preserving"}},
+        {"label": "scratch", "reference": True, "model": "tokenformer", "preset": "tiny", "budget": {"steps": 5},
+         "model_overrides": big}]})
+    records = {r["label"]: r for r in run_matrix(m, tmp_path / "store", log=lambda *_: None)}
+    assert all(r["status"] == "complete" for r in records.values()), records
+    base, grown = records["base"], records["grown"]
+    event = grown["growth_event"]
+    assert event["gap"]["rel_logit_change"] < 1e-6 and event["function_preserving"]
+    # function-preserving growth: validation loss just after growth equals the base's final one
+    assert grown["init_val_loss"] == pytest.approx(base["val_loss"], rel=1e-5)
+    assert grown["data_offset"] == 4 and grown["flops_offset"] == pytest.approx(base["flops"])
+    assert grown["cumulative_flops"] == pytest.approx(base["flops"] + grown["flops"])
+    text = write_report(tmp_path / "store" / "gr").read_text()
+    assert "## Growth cost (base run counted)" in text and "tokens preserving fresh restart" in text
+    # re-running skips everything, including the growth
+    again = run_matrix(m, tmp_path / "store", log=lambda *_: None)
+    assert [r["finished_at"] for r in again] == [r["finished_at"] for r in records.values()]

@@ -110,6 +110,105 @@ def test_checkpointed_scan_gradients_match_sequential_loop():
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("n", list(range(1, 34)))
+def test_odd_even_scans_match_sequential_recurrences(n):
+    g = torch.Generator().manual_seed(n)
+    a, b = torch.rand(n, 3, 2, generator=g, dtype=torch.float64), torch.randn(n, 3, 2, generator=g, dtype=torch.float64)
+    h, want = b[0], [b[0]]
+    for t in range(1, n):  # h_t = a_t h_{t-1} + b_t, h_0 = b_0
+        h = a[t] * h + b[t]
+        want.append(h)
+    for scratch in (None, torch.full((n // 2 + 1, 3, 2), float("nan"), dtype=torch.float64)):
+        got, a_in = b.clone(), a.clone()
+        ssm_ops._scan_(a_in, got, scratch)
+        torch.testing.assert_close(got, torch.stack(want), rtol=1e-12, atol=1e-12)
+        if scratch is not None:  # a left intact (and the never-read slot 0 of scratch really is never read)
+            assert torch.equal(a_in, a)
+    G, want = b[-1], [b[-1]]
+    for t in range(n - 2, -1, -1):  # G_t = m_t G_{t+1} + g_t
+        G = a[t] * G + b[t]
+        want.insert(0, G)
+    got = b.clone()
+    ssm_ops._rscan_(a[:n - 1].clone(), got)
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-12, atol=1e-12)
+
+
+def _scan_fn(chunk):
+    """_SelectiveScanFn on the caller's layouts: delta, du (b, d, l); A (d, n); B, C (b, l, n); h0 (b, d, n)."""
+    def f(delta, du, A, Bt, Ct, h0):
+        y, h = ssm_ops._SelectiveScanFn.apply(delta.permute(2, 0, 1), du.permute(2, 0, 1), A, Bt.transpose(0, 1),
+                                              Ct.transpose(0, 1), h0, chunk)
+        return y.permute(1, 2, 0), h
+    return f
+
+
+# tile sizes (elements of a (chunk, tile, N) buffer): one channel per tile, rows split into channel tiles,
+# tiles of whole batch rows, one tile
+@pytest.mark.parametrize("tile", [1, 40, 600, 1 << 18])
+@pytest.mark.parametrize("L,chunk", [(1, 1), (2, 2), (7, 7), (9, 4), (13, 5), (17, 8), (6, 1)])
+def test_scan_backward_passes_gradcheck(monkeypatch, tile, L, chunk):
+    """The hand-written backward against finite differences in fp64, odd lengths, a short last chunk, tiles."""
+    monkeypatch.setattr(ssm_ops, "_TILE_ELEMS", tile)
+    g = torch.Generator().manual_seed(L * 100 + chunk)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    b, d, n = 3, 5, 4
+    delta = F.softplus(r(b, d, L) - 1.0)
+    inputs = [delta, r(b, d, L), -torch.exp(r(d, n) * 0.5), r(b, L, n), r(b, L, n), r(b, d, n)]
+    inputs = [t.requires_grad_() for t in inputs]
+    assert torch.autograd.gradcheck(_scan_fn(chunk), inputs)
+
+
+def test_scan_tiles_do_not_change_results(monkeypatch):
+    u, delta, A, B, C, D, z, delta_bias, h0 = _scan_inputs(3, 6, 4, 37, seed=4, dtype=torch.float32)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (u, delta, A, B, C, D, z, delta_bias, h0)]
+        y, h = ssm_ops.selective_scan_ref(*leaves[:5], D=leaves[5], z=leaves[6], delta_bias=leaves[7],
+                                          delta_softplus=True, initial_state=leaves[8], return_last_state=True,
+                                          chunk_size=8)
+        (y.square().sum() + h.sum()).backward()
+        return [y, h] + [t.grad for t in leaves]
+
+    want = run()
+    for tile in (1, 50, 400):  # channel tiles, tiles of one row, tiles of 2-3 rows
+        monkeypatch.setattr(ssm_ops, "_TILE_ELEMS", tile)
+        for got, w in zip(run(), want):
+            torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-6)
+
+
+def test_scan_is_stable_under_strong_decay():
+    """Decays that underflow to 0 within a chunk (delta A down to -700 per step): the scan multiplies decays
+    and never divides by them or exponentiates a cumulative sum, so nothing overflows and the result is exact."""
+    u, delta, A, B, C, D, z, delta_bias, h0 = _scan_inputs(2, 4, 3, 70, seed=2)
+    delta = delta * 20  # softplus(delta) up to ~70, A down to ~ -10
+    want_y, want_h = naive_selective_scan(u, delta, A, B, C, D, z, delta_bias, h0)
+    leaves = [t.clone().requires_grad_() for t in (u, delta, A, B, C, D, z, delta_bias, h0)]
+    y, h = ssm_ops.selective_scan_ref(*leaves[:5], D=leaves[5], z=leaves[6], delta_bias=leaves[7], delta_softplus=True,
+                                      initial_state=leaves[8], return_last_state=True, chunk_size=64)
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h.double(), want_h, rtol=1e-4, atol=1e-4)
+    (y.sum() + h.sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+def test_scan_keeps_nothing_of_size_state_times_length_for_backward():
+    """Under autograd the scan keeps its inputs and one (B, D, N) state per chunk, never (B, D, L, N)."""
+    b, d, n, L, chunk = 2, 8, 16, 256, 64
+    u, delta, A, B, C, D, z, delta_bias, _ = _scan_inputs(b, d, n, L, seed=1, dtype=torch.float32)
+    leaves = [t.requires_grad_() for t in (u, delta, A, B, C)]
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = ssm_ops.selective_scan_ref(*leaves, delta_softplus=True, chunk_size=chunk)
+    # the largest things saved: (B, D, L) / (B, N, L) inputs, or the (L / chunk, B, D, N) chunk-entry states
+    assert max(saved) <= max(b * d * L, b * n * L, (L // chunk) * b * d * n) < b * d * L * n
+    y.sum().backward()
+
+
 @pytest.mark.parametrize("L,chunk,ngroups", [(1, 16, 1), (16, 16, 1), (40, 16, 1), (45, 8, 2), (7, 32, 1), (30, 1, 1)])
 def test_ssd_ref_matches_sequential_loop(L, chunk, ngroups):
     g = torch.Generator().manual_seed(L)

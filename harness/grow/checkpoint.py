@@ -1,0 +1,233 @@
+"""Grow a training checkpoint directory into a new one the training loop starts from.
+
+``grow_checkpoint(src, dst, method=..., to_preset=... / to={...})`` loads the source checkpoint, builds the
+target model config (the registry's preset with overrides; vocabulary and context follow the source, which the
+run had overridden from its tokenizer and seq_len), grows the model, transfers the optimizer state, and writes
+``dst`` in exactly the format of :func:`harness.train.checkpoint.save_checkpoint` (it is written by it):
+
+    model.safetensors, optimizer.safetensors, rng.safetensors (the source's), state.json with
+    step                 0 (schedule=restart: fresh warmup + cosine) or the source's step (schedule=continue)
+    data_position        the source's: the data stream continues where the base run stopped
+    flops_offset / flops_spent   the source's, so the grown run's records count cumulative compute
+    run_start            = step (this run's tokens and FLOPs count from there)
+    config               the source run's TrainConfig with model/preset/model_overrides of the target
+                         (init_from = dst): train the grown model with it
+    model_name, model_config     the target
+    pattention_scale_tokens      {module: held n} after preserving token growth (load_checkpoint applies it)
+    growth               the source's growth events + this one
+    optimizer            param groups keyed by name; state empty for optimizer=fresh (the loop then starts a
+                         new AdamW), the carried / staged Adam state otherwise
+
+Start training from it with ``TrainConfig(..., init_from=dst)`` (model/preset/model_overrides as in
+``event["train_config"]``): the loop loads weights (+ optimizer state when present), step and data position.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from models import registry
+from models.pattention import scale_tokens_of
+
+from .plan import (INITS, METHODS, OPTIMIZERS, SCHEDULES, Growth, GrowthError, config_diff, growth_gap,
+                   random_batch, transfer_optimizer_state)
+from .stack import gstack
+from .tokens import grow_tokens
+from .width import grow_width
+
+FOLLOW_SOURCE = ("vocab_size", "max_seq_len")
+
+
+def grow_model(model: torch.nn.Module, target, method: str, *, init: str | None = None, seed: int = 0,
+               noise: float = 0.0, zero_values: bool = False, name: str | None = None) -> Growth:
+    """Grow an in-memory model to the ``target`` config with one of :data:`METHODS`."""
+    if method not in METHODS:
+        raise GrowthError(f"method={method!r} is not one of {', '.join(METHODS)}")
+    if init is not None and method != "tokens":
+        raise GrowthError(f"init={init!r} applies to token growth only (method={method} has its own construction)")
+    if noise and method != "width":
+        raise GrowthError("noise applies to width growth only")
+    if method == "tokens":
+        return grow_tokens(model, target, init=init or "random", seed=seed, zero_values=zero_values, name=name)
+    if method in ("gstack", "gstack_identity"):
+        return gstack(model, target, identity=method == "gstack_identity", seed=seed, name=name)
+    return grow_width(model, target, seed=seed, noise=noise, name=name)
+
+
+def read_optimizer_state(path: str | Path) -> dict[str, dict[str, Any]]:
+    """A checkpoint's optimizer state keyed by parameter name ({} when it holds none)."""
+    from harness.train.checkpoint import CheckpointError, read_state
+    path = Path(path)
+    plain = read_state(path).get("optimizer", {})
+    if not plain.get("state"):
+        return {}
+    try:
+        tensors = load_file(str(path / "optimizer.safetensors"))
+    except Exception as e:  # safetensors raises several types for corrupt files
+        raise CheckpointError(f"{path / 'optimizer.safetensors'}: unreadable ({e})") from None
+    out: dict[str, dict[str, Any]] = {}
+    for fqn, entry in plain["state"].items():
+        for key, kind in entry.items():
+            if kind == "scalar_tensor":
+                value = tensors[f"{fqn}/{key}"].reshape(())
+            elif kind == "tensor":
+                value = tensors[f"{fqn}/{key}"]
+            else:
+                value = kind
+            out.setdefault(fqn, {})[key] = value
+    return out
+
+
+def _checkpoint_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir() and not (path / "state.json").exists() and (path / "checkpoint").is_dir():
+        return path / "checkpoint"  # a run directory was given
+    return path
+
+
+def target_config(state: dict[str, Any], to: dict[str, Any] | None, to_preset: str | None):
+    """(config, preset, model_overrides) of the target: the preset (default: the source run's) with overrides
+    (``to``; without ``to_preset`` on top of the source run's own overrides); vocab and context follow the
+    source. ``model_overrides`` is what a TrainConfig needs to rebuild exactly this config."""
+    name, run = state.get("model_name"), state.get("config")
+    if not isinstance(run, dict) or "preset" not in run:
+        raise GrowthError("source checkpoint has no run config (state.json 'config'): cannot name the target preset")
+    to = dict(to or {})
+    fixed = sorted(k for k in FOLLOW_SOURCE if k in to)
+    if fixed:
+        raise GrowthError(f"{', '.join(fixed)} follow the source checkpoint and cannot be changed by growth")
+    if to_preset is None and not to:
+        raise GrowthError("give a target: a preset (--to) and/or config overrides (--set key=value)")
+    preset = to_preset or run["preset"]
+    base = {} if to_preset else {k: v for k, v in (run.get("model_overrides") or {}).items() if k not in FOLLOW_SOURCE}
+    overrides = {**base, **to}
+    src_cfg = state["model_config"]
+    try:
+        config = registry.get_config(name, preset, **overrides,
+                                     **{k: src_cfg[k] for k in FOLLOW_SOURCE})
+    except (registry.UnknownModelError, ValueError, TypeError) as e:
+        raise GrowthError(f"target {name}/{preset} {overrides or ''}: {e}") from None
+    return config, preset, overrides
+
+
+def _json_safe(v):
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    if isinstance(v, tuple):
+        return list(v)
+    return v
+
+
+def grow_checkpoint(src_dir: str | Path, dst_dir: str | Path, *, method: str, to: dict[str, Any] | None = None,
+                    to_preset: str | None = None, init: str | None = None, optimizer: str = "fresh",
+                    schedule: str = "restart", seed: int = 0, noise: float = 0.0, zero_values: bool = False,
+                    overwrite: bool = False, measure_batch: torch.Tensor | None = None) -> dict[str, Any]:
+    """Grow the checkpoint ``src_dir`` (or a run directory holding ``checkpoint/``) into ``dst_dir``.
+
+    method: tokens | gstack | gstack_identity | width. init (tokens only): random | zero | preserving.
+    optimizer: fresh | carry | staged (staged: width only). schedule: restart (step 0) | continue.
+    Returns the growth event (also appended to state.json["growth"]), with ``gap``: growth_gap of the old and
+    the grown model on ``measure_batch`` (default: a fixed batch of random tokens)."""
+    from harness.config import OptimConfig, from_dict
+    from harness.train.checkpoint import load_model_from_checkpoint, save_checkpoint
+    from harness.train.optim import build_optimizer
+
+    if optimizer not in OPTIMIZERS:
+        raise GrowthError(f"optimizer={optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if schedule not in SCHEDULES:
+        raise GrowthError(f"schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if init is not None and init not in INITS:
+        raise GrowthError(f"init={init!r} is not one of {', '.join(INITS)}")
+    if optimizer == "staged" and method != "width":
+        raise GrowthError("optimizer=staged (Staged Training's scaled Adam moments) is for width growth; use "
+                          "fresh or carry")
+    src, dst = _checkpoint_dir(src_dir), Path(dst_dir)
+    if dst.resolve() == src.resolve():
+        raise GrowthError(f"{dst}: the grown checkpoint must not replace its source")
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise GrowthError(f"{dst}: already exists (choose another --out, or overwrite)")
+    old, state = load_model_from_checkpoint(src)
+    name = state["model_name"]
+    target, preset, overrides = target_config(state, to, to_preset)
+    growth = grow_model(old, target, method, init=init, seed=seed, noise=noise, zero_values=zero_values, name=name)
+    new = growth.model
+
+    run = dict(state["config"])
+    optim_cfg = from_dict(OptimConfig, run.get("optim") or {})
+    opt = build_optimizer(new, optim_cfg, torch.device("cpu"))
+    if optimizer != "fresh":
+        old_state = read_optimizer_state(src)
+        if not old_state:
+            raise GrowthError(f"{src}: holds no optimizer state to carry (use optimizer=fresh)")
+        moved = transfer_optimizer_state(new, growth.plans, old_state, optimizer)
+        for pname, p in new.named_parameters():
+            opt.state[p] = moved[pname]
+
+    seq = run.get("seq_len") or state["model_config"]["max_seq_len"]
+    if measure_batch is None:
+        measure_batch = random_batch(state["model_config"]["vocab_size"], min(64, seq))
+    gap = growth_gap(old, new, measure_batch)
+
+    src_step = int(state.get("step", 0))
+    step = src_step if schedule == "continue" else 0
+    flops_spent = state.get("flops_spent")
+    if flops_spent is None:  # checkpoints from before the loop recorded it
+        flops_spent = src_step * run.get("batch_size", 0) * seq * old.flops_per_token(seq)
+    keep = {k: v for k, v in (run.get("model_overrides") or {}).items() if k in FOLLOW_SOURCE}
+    train_config = {**run, "preset": preset, "model_overrides": {**keep, **overrides}, "init_from": str(dst)}
+    event = {
+        "method": method, "init": (init or "random") if method == "tokens" else None, "optimizer": optimizer,
+        "schedule": schedule, "seed": seed, **({"noise": noise} if method == "width" else {}),
+        "model": name,
+        "from": {"preset": run["preset"], "model_overrides": run.get("model_overrides") or {},
+                 "params": old.num_params(), "non_embedding_params": old.num_params(True)},
+        "to": {"preset": preset, "model_overrides": train_config["model_overrides"],
+               "params": new.num_params(), "non_embedding_params": new.num_params(True)},
+        "changes": {k: [a, b] for k, (a, b) in config_diff(old.config, target).items()},
+        "params_before": old.num_params(), "params_after": new.num_params(),
+        "function_preserving": bool(growth.info.get("function_preserving")),
+        "construction": growth.info.get("construction"),
+        "info": {k: v for k, v in growth.info.items() if k not in ("construction", "function_preserving")},
+        "source": str(src), "source_step": src_step, "data_position": state.get("data_position", src_step),
+        "step": step, "source_wall_time": state.get("wall_time"), "gap": gap,
+        "train_config": {"model": name, "preset": preset, "model_overrides": train_config["model_overrides"]},
+    }
+    new_state = {
+        "step": step, "data_position": state.get("data_position", src_step),
+        "flops_offset": state.get("flops_offset", 0.0), "flops_spent": flops_spent, "run_start": step,
+        "growth": list(state.get("growth") or []) + [event],
+        "pattention_scale_tokens": scale_tokens_of(new),
+        "wall_time": 0.0, "world_size": state.get("world_size", 1), "config": train_config,
+        "model_name": name, "model_config": target.to_dict(),
+    }
+
+    staging = dst.with_name(dst.name + ".growing")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_checkpoint(staging, new, opt if optimizer != "fresh" else None, new_state)
+    written = json.loads((staging / "state.json").read_text())
+    if optimizer == "fresh":  # no state (the loop starts a new AdamW), but the groups, keyed by name
+        names = {id(p): n for n, p in new.named_parameters()}
+        written["optimizer"] = {"state": {}, "param_groups": [
+            {**{k: _json_safe(v) for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+            for g in opt.param_groups]}
+    shutil.copyfile(src / "rng.safetensors", staging / "rng.safetensors")  # the source run's RNG states
+    written["rng"] = json.loads((src / "state.json").read_text())["rng"]
+    (staging / "state.json").write_text(json.dumps(written, indent=1))
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, dst)
+    return event
+
+
+def summary_line(event: dict[str, Any]) -> dict[str, Any]:
+    """The fields `harness grow` prints."""
+    keys = ("method", "init", "optimizer", "schedule", "model", "from", "to", "changes", "params_before",
+            "params_after", "function_preserving", "construction", "step", "data_position", "gap")
+    return {k: event.get(k) for k in keys}

@@ -1,0 +1,114 @@
+"""G_stack depth growth (Du et al., "Stacking Your Transformers", arXiv 2405.15319).
+
+The small model's L blocks are stacked g times: block i of the grown model is a copy of block ``i mod L``
+(6 -> 24 layers: [0..5] x 4). Embeddings, final norm and head are copied. The paper trains on with a fresh
+AdamW and a fresh warmup + cosine, the data stream continuing. G_stack is NOT function-preserving: the stacked
+model computes a different function (the tests measure by how much).
+
+``gstack_identity`` is the function-preserving variant: the copies (blocks L .. gL-1) get their residual
+output projections zeroed -- attention ``wo`` and the FFN down-projection (SwiGLU ``w2``, MLP ``proj``, a
+Pattention FFN's value tokens; a Pattention ``wo``'s value tokens), biases included; Mamba's mixer
+``out_proj`` -- so each new block adds zero to the residual stream and the grown model is the old one followed
+by identity blocks (pre-norm residual blocks; exact). The zeroed projections still get gradients (their inputs
+are not zero), so the copies start training at once.
+
+Works for every model whose ``block_modules()`` lists its residual blocks: the transformer family
+(tokenformer, transformer_pp, gpt2: ``model.blocks``) and Mamba / Mamba-2 (``model.backbone.layers``).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from models.pattention import Pattention
+
+from .plan import Growth, GrowthError, ParamPlan, build_target, config_diff, materialize
+
+DEPTH_FIELDS = ("n_layers", "n_layer")
+
+
+def depth_field(config) -> str:
+    fields = getattr(config, "__dataclass_fields__", {})
+    for f in DEPTH_FIELDS:
+        if f in fields:
+            return f
+    raise GrowthError(f"G_stack: {type(config).__name__} has no depth field ({' or '.join(DEPTH_FIELDS)})")
+
+
+def check_stack(old, new) -> int:
+    if type(old) is not type(new):
+        raise GrowthError(f"G_stack keeps the architecture: {type(old).__name__} -> {type(new).__name__}")
+    field = depth_field(old)
+    diff = config_diff(old, new)
+    other = sorted(k for k in diff if k != field)
+    if other:
+        raise GrowthError(f"G_stack changes only the depth ({field}); the target also changes "
+                          f"{', '.join(f'{k} {diff[k][0]}->{diff[k][1]}' for k in other)}")
+    L, L2 = getattr(old, field), getattr(new, field)
+    if L2 <= L:
+        raise GrowthError(f"G_stack grows depth: target {field}={L2} is not more than the source's {L}")
+    if L2 % L:
+        raise GrowthError(f"G_stack target depth {L2} is not a multiple of the source depth {L}")
+    return L2 // L
+
+
+def residual_outputs(block: nn.Module) -> list[str]:
+    """Names (relative to the block) of the parameters that write the block's output into the residual
+    stream: zeroing them makes a pre-norm residual block the identity."""
+    names: list[str] = []
+
+    def out_params(prefix: str, m: nn.Module):
+        if isinstance(m, Pattention):
+            names.append(f"{prefix}.value_param_tokens")
+        else:
+            names.extend(f"{prefix}.{n}" for n, _ in m.named_parameters())
+
+    if hasattr(block, "attn") and hasattr(block, "ffn"):  # models/transformer.py Block
+        out_params("attn.wo", block.attn.wo)
+        ffn = block.ffn
+        if isinstance(ffn, Pattention):
+            out_params("ffn", ffn)
+        elif hasattr(ffn, "w2"):
+            out_params("ffn.w2", ffn.w2)
+        elif hasattr(ffn, "proj"):
+            out_params("ffn.proj", ffn.proj)
+        else:
+            raise GrowthError(f"gstack_identity: no down-projection known for FFN {type(ffn).__name__}")
+    elif hasattr(block, "mixer") and hasattr(block.mixer, "out_proj"):  # models/mamba.py Block
+        out_params("mixer.out_proj", block.mixer.out_proj)
+    else:
+        raise GrowthError(f"gstack_identity: no residual output projection known for {type(block).__name__}")
+    return names
+
+
+def gstack(model: nn.Module, target, *, identity: bool = False, seed: int = 0, name: str | None = None) -> Growth:
+    """Stack ``model``'s blocks to ``target``'s depth: new block i = old block i mod L."""
+    g = check_stack(model.config, target)
+    new = build_target(target, name, seed)
+    old_blocks, new_blocks = model.block_modules(), new.block_modules()
+    L = len(old_blocks)
+    old_prefix = {id(m): n for n, m in model.named_modules()}
+    new_prefix = {id(m): n for n, m in new.named_modules()}
+    olds = [old_prefix[id(b)] for b in old_blocks]
+    news = [new_prefix[id(b)] for b in new_blocks]
+    zeroed = set()
+    if identity:
+        for i in range(L, len(news)):
+            zeroed.update(f"{news[i]}.{n}" for n in residual_outputs(new_blocks[i]))
+
+    def source(pname: str) -> str:
+        """The old parameter (or module) name a new one copies."""
+        for i, prefix in enumerate(news):
+            if pname.startswith(prefix + "."):
+                return olds[i % L] + pname[len(prefix):]
+        return pname
+
+    plans = {pname: ParamPlan(source(pname), zero=pname in zeroed) for pname, _ in new.named_parameters()}
+    materialize(model, new, plans, seed=seed)
+    old_modules = dict(model.named_modules())
+    for mname, m in new.named_modules():  # a held sqrt(n) (earlier token growth) stays with its copy
+        if isinstance(m, Pattention):
+            m.scale_tokens = old_modules[source(mname)].scale_tokens
+    info = {"construction": ("G_stack with zeroed residual output projections in the copies (new blocks are "
+                             "identities at init)" if identity else "G_stack: block i = block i mod L"),
+            "function_preserving": identity, "stack_factor": g, "zeroed_params": len(zeroed)}
+    return Growth(new.eval(), plans, info)
