@@ -263,7 +263,8 @@ def causal_conv1d_step(
 #    the scan (which kept ~2 log2(chunk) chunk-sized tensors per chunk, so the chunks were checkpointed: a
 #    second forward plus autograd's backward over the doubling). The forward keeps only the state entering
 #    each chunk; the backward recomputes one chunk's states at a time and runs the adjoint recurrence on it;
-#  * a few chunk-sized scratch buffers allocated once per call and reused by every chunk.
+#  * the (B, D) plane cut into tiles whose chunk buffers stay in L2 (see _TILE_ELEMS), and a few such scratch
+#    buffers allocated once per call and reused by every chunk and tile.
 # It all stays elementwise (products and sums, never a matmul / einsum), so FlopCounterMode sees none of it and
 # MambaConfig.uncounted_flops_per_token adds the scan's FLOPs by hand.
 
@@ -369,9 +370,10 @@ def _tiles(batch: int, dim: int, per_channel: int, device: torch.device) -> list
     """
     if device.type != "cpu":
         return [(slice(0, batch), slice(0, dim))]
-    channels = max(1, _TILE_ELEMS // per_channel)
+    channels = max(1, _TILE_ELEMS // max(1, per_channel))
     if channels < dim:  # a row is too big: tiles of channels within a row
-        return [(slice(b, b + 1), slice(d, min(d + channels, dim))) for b in range(batch) for d in range(0, dim, channels)]
+        return [(slice(b, b + 1), slice(d, min(d + channels, dim)))
+                for b in range(batch) for d in range(0, dim, channels)]
     rows = channels // dim
     return [(slice(b, min(b + rows, batch)), slice(0, dim)) for b in range(0, batch, rows)]
 
@@ -417,6 +419,14 @@ def _scan_forward(delta, du, A, Bt, Ct, h0, chunk_size, starts=None):
     return y, h
 
 
+def _sum_into(x: torch.Tensor, dim: int, out: torch.Tensor, overwrite: bool) -> None:
+    """out = x.sum(dim) when a tile covers every channel, else out += (other tiles add their channels)."""
+    if overwrite:
+        torch.sum(x, dim, out=out)
+    else:
+        out += x.sum(dim)
+
+
 class _SelectiveScanFn(torch.autograd.Function):
     """h_t = exp(delta_t A) h_{t-1} + du_t B_t, y_t = <h_t, C_t>, time-major, with a hand-written backward.
 
@@ -458,7 +468,8 @@ class _SelectiveScanFn(torch.autograd.Function):
         tiles = _tiles(batch, dim, min(chunk_size, seqlen) * n, delta.device)
         whole_rows = all(ds.stop - ds.start == dim for _, ds in tiles)  # else dB, dC sum over several tiles
         if not whole_rows:
-            dBt.zero_(), dCt.zero_()
+            dBt.zero_()
+            dCt.zero_()
         bufs = _buffers(delta, 3, min(chunk_size, seqlen), tiles, n)
         for c in reversed(range(starts.shape[0])):
             s, e = c * chunk_size, min((c + 1) * chunk_size, seqlen)
@@ -487,14 +498,6 @@ class _SelectiveScanFn(torch.autograd.Function):
                 torch.sum(torch.mul(w, A_t, out=a), -1, out=d_delta[s:e, bs, ds])
                 dA[ds] += torch.mul(w, delta_t, out=a).sum((0, 1))
         return d_delta, d_du, dA, dBt, dCt, (g_carry if ctx.needs_input_grad[5] else None), None
-
-
-def _sum_into(x: torch.Tensor, dim: int, out: torch.Tensor, overwrite: bool) -> None:
-    """out = x.sum(dim) when a tile covers every channel, else out += (other tiles add their channels)."""
-    if overwrite:
-        torch.sum(x, dim, out=out)
-    else:
-        out += x.sum(dim)
 
 
 def selective_scan_ref(
