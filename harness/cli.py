@@ -64,8 +64,6 @@ def _parse_sets(items: list[str] | None) -> dict:
 
 
 def cmd_train(args) -> int:
-    from dataclasses import asdict
-
     from .config import TrainConfig, from_dict, load_yaml, merge
     from .train.loop import train
     settings = load_yaml(args.config) if args.config else {}

@@ -1,6 +1,6 @@
 import pytest
 
-from harness.config import BudgetConfig, ConfigError, TrainConfig, from_dict, merge
+from harness.config import ConfigError, TrainConfig, from_dict, merge
 from harness.train.optim import lr_at, param_groups, warmup_steps
 from harness.config import OptimConfig, ScheduleConfig
 from models import registry

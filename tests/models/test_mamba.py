@@ -98,7 +98,7 @@ def _selective_scan_fp64(u, delta, A, B, C, D, z, delta_bias, h0, chunk):
     return (torch.cat(ys, -1) + D[:, None] * u) * F.silu(z), h
 
 
-def test_checkpointed_scan_gradients_match_sequential_loop():
+def test_scan_gradients_match_sequential_loop():
     u, delta, A, B, C, D, z, delta_bias, h0 = _scan_inputs(1, 4, 3, 21, seed=9)
     leaves = [t.clone().requires_grad_() for t in (u, delta, A, B, C, D, z, delta_bias, h0)]
     y, h = naive_selective_scan(*leaves)
