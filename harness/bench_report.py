@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -45,21 +44,6 @@ def write_json(out: str | Path, meta: dict[str, Any], rows: list[dict[str, Any]]
     path = Path(out) / JSON_NAME
     store.write_json_atomic(path, {"meta": meta, "rows": rows})
     return path
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------ ratios
@@ -224,7 +208,7 @@ def write_outputs(out: str | Path, meta: dict[str, Any], rows: list[dict[str, An
         if flat[col].map(lambda v: isinstance(v, (list, dict))).any():
             flat[col] = flat[col].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
     csv_path = out / CSV_NAME
-    _write_text_atomic(csv_path, flat.to_csv(index=False))
+    store.write_text_atomic(csv_path, flat.to_csv(index=False))
     files.append(csv_path)
     order = {m: i for i, m in enumerate(("tokenformer", "transformer_pp", "mamba", "mamba2", "gpt2"))}
     ordered = sorted(rows, key=lambda r: (r.get("device", ""), r.get("dtype", ""), order.get(r["model"], 99),
@@ -237,7 +221,7 @@ def write_outputs(out: str | Path, meta: dict[str, Any], rows: list[dict[str, An
         lines += [f"![training tokens/s against sequence length]({PLOT_NAME})", ""]
     lines += [f"- {n}" for n in notes(rows)] + [""]
     md_path = out / MD_NAME
-    _write_text_atomic(md_path, "\n".join(lines))
+    store.write_text_atomic(md_path, "\n".join(lines))
     files.append(md_path)
     return files
 

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from models import registry
 from models.pattention import scale_tokens_of
+
+from harness.train.checkpoint import read_optimizer_state, resolve_checkpoint_dir
 
 from .plan import (INITS, METHODS, OPTIMIZERS, SCHEDULES, Growth, GrowthError, config_diff, growth_gap,
                    random_batch, transfer_optimizer_state)
@@ -58,37 +59,6 @@ def grow_model(model: torch.nn.Module, target, method: str, *, init: str | None 
     if method in ("gstack", "gstack_identity"):
         return gstack(model, target, identity=method == "gstack_identity", seed=seed, name=name)
     return grow_width(model, target, seed=seed, noise=noise, name=name)
-
-
-def read_optimizer_state(path: str | Path) -> dict[str, dict[str, Any]]:
-    """A checkpoint's optimizer state keyed by parameter name ({} when it holds none)."""
-    from harness.train.checkpoint import CheckpointError, read_state
-    path = Path(path)
-    plain = read_state(path).get("optimizer", {})
-    if not plain.get("state"):
-        return {}
-    try:
-        tensors = load_file(str(path / "optimizer.safetensors"))
-    except Exception as e:  # safetensors raises several types for corrupt files
-        raise CheckpointError(f"{path / 'optimizer.safetensors'}: unreadable ({e})") from None
-    out: dict[str, dict[str, Any]] = {}
-    for fqn, entry in plain["state"].items():
-        for key, kind in entry.items():
-            if kind == "scalar_tensor":
-                value = tensors[f"{fqn}/{key}"].reshape(())
-            elif kind == "tensor":
-                value = tensors[f"{fqn}/{key}"]
-            else:
-                value = kind
-            out.setdefault(fqn, {})[key] = value
-    return out
-
-
-def _checkpoint_dir(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_dir() and not (path / "state.json").exists() and (path / "checkpoint").is_dir():
-        return path / "checkpoint"  # a run directory was given
-    return path
 
 
 def target_config(state: dict[str, Any], to: dict[str, Any] | None, to_preset: str | None):
@@ -147,7 +117,7 @@ def grow_checkpoint(src_dir: str | Path, dst_dir: str | Path, *, method: str, to
     if optimizer == "staged" and method != "width":
         raise GrowthError("optimizer=staged (Staged Training's scaled Adam moments) is for width growth; use "
                           "fresh or carry")
-    src, dst = _checkpoint_dir(src_dir), Path(dst_dir)
+    src, dst = resolve_checkpoint_dir(src_dir), Path(dst_dir)
     if dst.resolve() == src.resolve():
         raise GrowthError(f"{dst}: the grown checkpoint must not replace its source")
     if dst.exists() and any(dst.iterdir()) and not overwrite:

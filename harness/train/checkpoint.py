@@ -167,19 +167,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
             raise CheckpointError(f"{path / 'model.safetensors'}: does not fit this model "
                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         if optimizer is not None:
-            tensors = load_file(str(path / "optimizer.safetensors"))
-            plain = state["optimizer"]
-            for fqn, entry in plain["state"].items():
-                for key, kind in entry.items():
-                    if kind == "scalar_tensor":
-                        value = tensors[f"{fqn}/{key}"].reshape(())
-                    elif kind == "tensor":
-                        value = tensors[f"{fqn}/{key}"]
-                    else:
-                        value = kind
-                    optim_sd["state"].setdefault(fqn, {})[key] = value
+            optim_sd["state"] = read_optimizer_state(path, state)
             optim_sd["param_groups"] = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g
-                                        for g in plain["param_groups"]]
+                                        for g in state["optimizer"]["param_groups"]]
     opts = _full_options(broadcast_from_rank0=True) if distributed else _full_options()
     set_model_state_dict(model, model_sd, options=opts)
     if state.get("pattention_scale_tokens"):  # growth that held sqrt(n) at the old token count
@@ -194,6 +184,38 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     return state
 
 
+def read_optimizer_state(path: str | Path, state: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """A checkpoint's optimizer state keyed by parameter name ({} when it holds none, e.g. a grown
+    checkpoint with a fresh optimizer)."""
+    path = Path(path)
+    plain = (state if state is not None else read_state(path)).get("optimizer", {})
+    if not plain.get("state"):
+        return {}
+    try:
+        tensors = load_file(str(path / "optimizer.safetensors"))
+    except Exception as e:  # safetensors raises several types for corrupt files
+        raise CheckpointError(f"{path / 'optimizer.safetensors'}: unreadable ({e})") from None
+    out: dict[str, dict[str, Any]] = {}
+    for fqn, entry in plain["state"].items():
+        for key, kind in entry.items():
+            if kind == "scalar_tensor":
+                value = tensors[f"{fqn}/{key}"].reshape(())
+            elif kind == "tensor":
+                value = tensors[f"{fqn}/{key}"]
+            else:
+                value = kind
+            out.setdefault(fqn, {})[key] = value
+    return out
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory holding one in checkpoint/."""
+    path = Path(path)
+    if path.is_dir() and not (path / "state.json").exists() and (path / "checkpoint").is_dir():
+        return path / "checkpoint"
+    return path
+
+
 def _unwrapped_state_keys(model: torch.nn.Module) -> list[str]:
     from .distributed import unwrap
     return list(unwrap(model).state_dict().keys())
@@ -205,9 +227,7 @@ def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "c
     checkpoint: CheckpointError naming the path."""
     from models import registry
 
-    path = Path(path)
-    if path.is_dir() and not (path / "state.json").exists() and (path / "checkpoint").is_dir():
-        path = path / "checkpoint"  # a run directory was given
+    path = resolve_checkpoint_dir(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     state = read_state(path)

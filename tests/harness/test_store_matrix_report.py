@@ -88,11 +88,10 @@ def test_record_write_is_atomic(tmp_path, monkeypatch):
     d = tmp_path / "cell"
     store.write_record(d, {"status": "complete", "val_loss": 1.0})
 
-    def boom(obj, f, **kw):
-        f.write('{"status": "compl')
+    def boom(fd):  # the new record is written to the temporary file, then the disk fills up
         raise OSError("disk full")
 
-    monkeypatch.setattr(json, "dump", boom)
+    monkeypatch.setattr(os, "fsync", boom)
     with pytest.raises(OSError):
         store.write_record(d, {"status": "failed"})
     monkeypatch.undo()
