@@ -305,6 +305,7 @@ def waterfall_section(df: pd.DataFrame) -> list[str]:
             loss_m, loss_h = stats.mean_ci(g["val_loss"].tolist())
             bpb_m, bpb_h = stats.mean_ci(g["val_bpb"].tolist())
             ref_label = g["compare_to"].iloc[0]
+            ref_label = ref_label if isinstance(ref_label, str) else None  # pandas holds a missing one as NaN
             delta, verdict_txt = "-", "-"
             if ref_label in by_label:
                 ref = by_label[ref_label]["val_loss"].tolist()
