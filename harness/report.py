@@ -332,12 +332,12 @@ def _waterfall_plot(df: pd.DataFrame, path: Path) -> None:
 
     order = df.sort_values("entry_index")["label"].drop_duplicates().tolist()
     sns.set_theme(style="whitegrid")
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(order) + 1.8))
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(order) + 1.8))
     sns.pointplot(data=df, y="label", x="val_loss", hue="matching", order=order, errorbar=("ci", 95),
                   linestyle="none", dodge=0.3, ax=ax)
     ax.set_ylabel("")
     ax.set_xlabel("validation loss (mean, 95% CI over seeds)")
-    ax.set_title("Transformer++ to Tokenformer, one component at a time")
+    ax.set_title("Transformer++ to Tokenformer, one component at a time", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
