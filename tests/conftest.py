@@ -16,3 +16,9 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from tests.fixtures import write_corpus
+    return write_corpus(tmp_path_factory.mktemp("corpus"))

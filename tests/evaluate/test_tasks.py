@@ -22,9 +22,7 @@ from harness.evaluate.run import (ACCURACY_COLUMNS, AVERAGE, TABLE_COLUMNS, eval
                                   format_table, results_table, table_row)
 
 ROOT = Path(__file__).resolve().parents[2]
-TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
-        "want of a wife. However little known the feelings or views of such a man may be on his first entering "
-        "a neighbourhood, this truth is so well fixed in the minds of the surrounding families. ")
+from tests.fixtures import write_corpus
 
 FIXTURES = {
     "lambada_openai": [{"text": "He opened the door and saw his old friend standing there in the rain"},
@@ -64,10 +62,7 @@ def env(tmp_path_factory):
     from harness.config import TrainConfig, from_dict
     from harness.train.loop import train
     root = tmp_path_factory.mktemp("eval")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(12):
-        (corpus / f"doc{i:02d}.txt").write_text(TEXT * (1 + i % 3) + f" Chapter {i}.")
+    corpus = write_corpus(root / "corpus", repeats=lambda i: 1 + i % 3)
     cfg = from_dict(TrainConfig, {"model": "tokenformer", "preset": "tiny", "seq_len": 32, "batch_size": 4,
                                   "data": {"source": str(corpus), "tokenizer": "byte",
                                            "cache_dir": str(root / "tokens"), "val_fraction": 0.2},

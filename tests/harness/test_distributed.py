@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_train import TEXT
+from tests.fixtures import write_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -16,11 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(12):
-        (corpus / f"doc{i:02d}.txt").write_text(TEXT * (3 + i % 4) + f" Chapter {i}.")
-    return root, corpus
+    return root, write_corpus(root / "corpus")
 
 
 def harness_train(root, corpus, out, *extra, env_extra=None):

@@ -20,9 +20,6 @@ from models import registry
 from models.pattention import Pattention
 
 V = 320
-TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
-        "want of a wife. However little known the feelings or views of such a man may be on his first entering "
-        "a neighbourhood, this truth is so well fixed in the minds of the surrounding families. ")
 TOKENS = dict(qkv_tokens=96, proj_tokens=96, ffn_hidden=384)
 
 
@@ -172,14 +169,6 @@ def test_width_noise_breaks_the_clone_symmetry(batch):
 
 
 # ------------------------------------------------------------------------------------ checkpoints and training
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(12):
-        (root / f"doc{i:02d}.txt").write_text(TEXT * (3 + i % 4) + f" Chapter {i}.")
-    return root
-
-
 def run_config(corpus, cache, **kw):
     base = {"model": "tokenformer", "preset": "tiny", "seq_len": 32, "batch_size": 4,
             "data": {"source": str(corpus), "tokenizer": "byte", "cache_dir": str(cache), "val_fraction": 0.2},

@@ -14,17 +14,6 @@ from harness.train.checkpoint import CheckpointError, load_checkpoint, save_chec
 from harness.train.loop import train
 from models import registry
 
-TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
-        "want of a wife. However little known the feelings or views of such a man may be on his first entering "
-        "a neighbourhood, this truth is so well fixed in the minds of the surrounding families. ")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(12):
-        (root / f"doc{i:02d}.txt").write_text(TEXT * (3 + i % 4) + f" Chapter {i}.")
-    return root
 
 
 def config(corpus, cache, **kw):

@@ -1,0 +1,14 @@
+"""Small fixtures shared by the test modules: a tiny real-text corpus made on the spot, nothing downloaded."""
+from pathlib import Path
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+        "want of a wife. However little known the feelings or views of such a man may be on his first entering "
+        "a neighbourhood, this truth is so well fixed in the minds of the surrounding families. ")
+
+
+def write_corpus(root: Path, docs: int = 12, repeats=lambda i: 3 + i % 4) -> Path:
+    """``docs`` .txt documents of TEXT repeated ``repeats(i)`` times, each ending with its own chapter line."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(docs):
+        (root / f"doc{i:02d}.txt").write_text(TEXT * repeats(i) + f" Chapter {i}.")
+    return root
