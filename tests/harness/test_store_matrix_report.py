@@ -177,3 +177,9 @@ def test_matched_compute_table_verdicts(tmp_path):
     assert "better" in rows["transformer_pp/tiny"]
     assert "not distinguishable" in rows["gpt2/tiny"]
     assert "2.0100 ± " in rows["tokenformer/tiny"]
+
+
+@pytest.mark.parametrize("name", sorted(shipped_matrices()))
+def test_every_shipped_matrix_expands(name):
+    m = load_matrix(name)
+    assert m.cells and len({c.cell_id for c in m.cells}) == len(m.cells)
