@@ -44,8 +44,29 @@ def _pad_to_multiple(n: int, multiple: int) -> int:
 # ==========================================================================================================
 # Configs (own the analytic counts)
 # ==========================================================================================================
+class _SSMShape:
+    """What Mamba-1 and Mamba-2 configs share: the table's n_layers / width, the inner width and the padded
+    embedding (mamba-ssm's pad_vocab_size_multiple)."""
+
+    @property
+    def n_layers(self) -> int:
+        return self.n_layer
+
+    @property
+    def width(self) -> int:
+        return self.d_model
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return _pad_to_multiple(self.vocab_size, self.pad_vocab_size_multiple)
+
+
 @dataclasses.dataclass
-class MambaConfig(ModelConfig):
+class MambaConfig(_SSMShape, ModelConfig):
     """Mamba-1 (mamba-ssm ``Mamba`` mixer, ``MambaLMHeadModel`` defaults of the released checkpoints)."""
 
     vocab_size: int = 50277  # tokenizer vocab; the embedding is padded to pad_vocab_size_multiple
@@ -65,25 +86,11 @@ class MambaConfig(ModelConfig):
     initializer_range: float = 0.02  # embedding std
     scan_chunk_size: int = 64  # reference scan chunk (memory/parallelism trade-off; results do not depend on it)
 
-    @property
-    def n_layers(self) -> int:
-        return self.n_layer
-
-    @property
-    def width(self) -> int:
-        return self.d_model
-
-    @property
-    def d_inner(self) -> int:
-        return self.expand * self.d_model
 
     @property
     def time_step_rank(self) -> int:
         return self.dt_rank if self.dt_rank > 0 else math.ceil(self.d_model / 16)
 
-    @property
-    def padded_vocab_size(self) -> int:
-        return _pad_to_multiple(self.vocab_size, self.pad_vocab_size_multiple)
 
     def layer_params(self) -> int:
         d, e, n, r, w = self.d_model, self.d_inner, self.d_state, self.time_step_rank, self.d_conv
@@ -135,7 +142,7 @@ class MambaConfig(ModelConfig):
 
 
 @dataclasses.dataclass
-class Mamba2Config(ModelConfig):
+class Mamba2Config(_SSMShape, ModelConfig):
     """Mamba-2 (mamba-ssm ``Mamba2`` mixer, ``ssm_cfg={"layer": "Mamba2"}``, d_intermediate=0)."""
 
     vocab_size: int = 50277
@@ -164,17 +171,6 @@ class Mamba2Config(ModelConfig):
         if self.nheads % self.ngroups:
             raise ValueError(f"nheads={self.nheads} is not a multiple of ngroups={self.ngroups}")
 
-    @property
-    def n_layers(self) -> int:
-        return self.n_layer
-
-    @property
-    def width(self) -> int:
-        return self.d_model
-
-    @property
-    def d_inner(self) -> int:
-        return self.expand * self.d_model
 
     @property
     def nheads(self) -> int:
@@ -188,9 +184,6 @@ class Mamba2Config(ModelConfig):
     def d_in_proj(self) -> int:
         return 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads  # [z, x, B, C, dt]
 
-    @property
-    def padded_vocab_size(self) -> int:
-        return _pad_to_multiple(self.vocab_size, self.pad_vocab_size_multiple)
 
     def layer_params(self) -> int:
         d, e, h = self.d_model, self.d_inner, self.nheads
