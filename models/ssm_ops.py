@@ -500,6 +500,15 @@ class _SelectiveScanFn(torch.autograd.Function):
         return d_delta, d_du, dA, dBt, dCt, (g_carry if ctx.needs_input_grad[5] else None), None
 
 
+def _step_size(dt: torch.Tensor, bias: torch.Tensor | None, softplus: bool) -> torch.Tensor:
+    """The discretisation step in fp32: dt (+ bias, already shaped to broadcast), through softplus when asked.
+    One definition for every scan and decode path, reference and kernel-free alike."""
+    dt = dt.float()
+    if bias is not None:
+        dt = dt + bias.float()
+    return F.softplus(dt) if softplus else dt
+
+
 def selective_scan_ref(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -525,12 +534,9 @@ def selective_scan_ref(
     Returns y (B, D, L) in u's dtype [, last state (B, D, N) fp32].
     """
     dtype_in = u.dtype
-    u, delta, B, C = u.float(), delta.float(), B.float(), C.float()
+    u, B, C = u.float(), B.float(), C.float()
     A = A.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    delta = _step_size(delta, None if delta_bias is None else delta_bias[:, None], delta_softplus)
     batch, dim, seqlen = u.shape
     h = (
         initial_state.float()
@@ -591,11 +597,7 @@ def selective_state_step(
         y = k.selective_state_update(state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
         return y, state
     _record(REFERENCE)
-    dt = dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
-    if dt_softplus:
-        dt = F.softplus(dt)
+    dt = _step_size(dt, dt_bias, dt_softplus)
     xf = x.float()
     dA = torch.exp(dt[..., None] * A.float())  # (B, D, N)
     new_state = state.float() * dA + (dt * xf)[..., None] * B.float()[:, None, :]
@@ -663,11 +665,7 @@ def ssd_chunked_ref(
     g, n = B.shape[-2], B.shape[-1]
     hg = h // g  # heads per group (B and C are shared by a group's heads)
     x, B, C = x.float(), B.float(), C.float()
-    dt = dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
-    if dt_softplus:
-        dt = F.softplus(dt)
+    dt = _step_size(dt, dt_bias, dt_softplus)
     q = ssd_chunk_size(seqlen, chunk_size)
     nc = -(-seqlen // q)  # number of chunks
     pad = nc * q - seqlen
@@ -765,11 +763,7 @@ def ssd_state_step(
         )
         return y, state
     _record(REFERENCE)
-    dt = dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
-    if dt_softplus:
-        dt = F.softplus(dt)
+    dt = _step_size(dt, dt_bias, dt_softplus)
     xf = x.float()
     Bh = B.float().repeat_interleave(h // g, dim=1)  # (b, h, n)
     Ch = C.float().repeat_interleave(h // g, dim=1)
