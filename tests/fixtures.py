@@ -12,3 +12,14 @@ def write_corpus(root: Path, docs: int = 12, repeats=lambda i: 3 + i % 4) -> Pat
     for i in range(docs):
         (root / f"doc{i:02d}.txt").write_text(TEXT * repeats(i) + f" Chapter {i}.")
     return root
+
+
+def tiny_train_config(corpus: Path, cache: Path, **overrides):
+    """A validated TrainConfig for a few steps of the tiny tokenformer on ``corpus`` (byte-level); keyword
+    arguments deep-merge over the defaults (a budget replaces the default one)."""
+    from harness.config import TrainConfig, from_dict, merge
+    base = {"model": "tokenformer", "preset": "tiny", "seq_len": 32, "batch_size": 4,
+            "data": {"source": str(corpus), "tokenizer": "byte", "cache_dir": str(cache), "val_fraction": 0.2},
+            "budget": {"steps": 8}, "eval_every": 4, "eval_batches": 2, "log_every": 1, "checkpoint_every": 3,
+            "progress": False}
+    return from_dict(TrainConfig, merge(base, overrides)).validate()

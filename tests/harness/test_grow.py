@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.config import TrainConfig, from_dict, merge
 from harness.grow import (GrowthError, apply_scale_tokens, grow_checkpoint, grow_model, grow_tokens, grow_width,
                           growth_gap, gstack, random_batch, read_optimizer_state)
 from harness.grow.plan import gather
@@ -18,6 +17,7 @@ from harness.train.checkpoint import load_model_from_checkpoint, read_state
 from harness.train.loop import train
 from models import registry
 from models.pattention import Pattention
+from tests.fixtures import tiny_train_config
 
 V = 320
 TOKENS = dict(qkv_tokens=96, proj_tokens=96, ffn_hidden=384)
@@ -170,11 +170,7 @@ def test_width_noise_breaks_the_clone_symmetry(batch):
 
 # ------------------------------------------------------------------------------------ checkpoints and training
 def run_config(corpus, cache, **kw):
-    base = {"model": "tokenformer", "preset": "tiny", "seq_len": 32, "batch_size": 4,
-            "data": {"source": str(corpus), "tokenizer": "byte", "cache_dir": str(cache), "val_fraction": 0.2},
-            "budget": {"steps": 3}, "eval_every": 3, "eval_batches": 1, "log_every": 1, "checkpoint_every": 3,
-            "progress": False}
-    return from_dict(TrainConfig, merge(base, kw)).validate()
+    return tiny_train_config(corpus, cache, **{"budget": {"steps": 3}, "eval_every": 3, "eval_batches": 1, **kw})
 
 
 @pytest.fixture(scope="module")

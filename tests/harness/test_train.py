@@ -8,20 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.config import TrainConfig, from_dict, merge
 from harness.matrix import expand, run_matrix
 from harness.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from harness.train.loop import train
 from models import registry
+from tests.fixtures import tiny_train_config
 
 
 
-def config(corpus, cache, **kw):
-    base = {"model": "tokenformer", "preset": "tiny", "seq_len": 32, "batch_size": 4,
-            "data": {"source": str(corpus), "tokenizer": "byte", "cache_dir": str(cache), "val_fraction": 0.2},
-            "budget": {"steps": 8}, "eval_every": 4, "eval_batches": 2, "log_every": 1, "checkpoint_every": 3,
-            "progress": False}
-    return from_dict(TrainConfig, merge(base, kw)).validate()
+config = tiny_train_config
 
 
 def _metrics(path):
