@@ -104,7 +104,8 @@ class TrainConfig:
     compile: bool = False
     parallel: str = "auto"              # under torchrun: auto (= ddp) | ddp | fsdp (FSDP2 fully_shard per block)
     eval_every: int = 50                # steps; the final step is always evaluated
-    eval_batches: int = 20              # validation batches per evaluation (None-like 0: the whole split)
+    eval_batches: int = 20              # batches per intermediate evaluation, spread over the split (0: all);
+                                        # the final evaluation always scores the whole validation split
     log_every: int = 10
     checkpoint_every: int = 100         # steps; the final step is always checkpointed
     tensorboard: bool = False

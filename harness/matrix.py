@@ -39,7 +39,9 @@ from typing import Any
 from models import registry
 
 from . import store
-from .config import ConfigError, TrainConfig, from_dict, load_yaml, merge
+from . import sweep as _sweep
+from .sweep import SweepSpec
+from .config import BudgetConfig, ConfigError, TrainConfig, from_dict, load_yaml, merge
 
 TOP_LEVEL = ("name", "description", "matching", "defaults", "models", "budgets", "seeds", "lr_sweep", "waterfall")
 MATCHING = ("none", "iso_flop", "iso_tokens", "iso_params")
@@ -74,14 +76,31 @@ class Cell:
 
 
 @dataclass
+class Entry:
+    """One model entry of a matrix (a column of its tables, a rung of a waterfall), validated."""
+    index: int
+    label: str
+    settings: dict[str, Any]        # the entry's TrainConfig fields (merged over the matrix defaults)
+    matching: str
+    compare_to: str | None
+    grow: dict[str, Any] | None
+    reference: bool
+    own_budget: bool                # an entry with its own budget (a growth stage) ignores the budgets list
+    tuned: bool                     # its peak LR comes from the sweep
+
+
+@dataclass
 class Matrix:
     name: str
     description: str
     cells: list[Cell]
     source: str
     matching: str = "none"
-    sweep_values: list[float] = field(default_factory=list)
     waterfall: bool = False
+    entries: list[Entry] = field(default_factory=list)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    budgets: list[Any] = field(default_factory=list)
+    sweep: SweepSpec | None = None
 
     @property
     def sweep_cells(self) -> list[Cell]:
@@ -90,6 +109,36 @@ class Matrix:
     @property
     def main_cells(self) -> list[Cell]:
         return [c for c in self.cells if c.phase == "main"]
+
+    @property
+    def sweep_values(self) -> list[float]:
+        return list(self.sweep.grid) if self.sweep else []
+
+    def make_cell(self, entry: Entry, phase: str, bi: int, seed: int, lr: float | None = None) -> Cell:
+        """The cell of ``entry`` at budget ``bi`` and ``seed`` (a sweep cell: at peak rate ``lr``), resolved
+        and validated; ids name the entry, budget, seed (and rate)."""
+        settings = merge(self.defaults, entry.settings)
+        if self.budgets[bi] is not None and not entry.own_budget:
+            settings["budget"] = self.budgets[bi]
+        settings["seed"] = seed
+        if lr is not None:
+            settings = merge(settings, {"optim": {"lr": lr}})
+        where = f"{self.source}: models[{entry.index}]" + (f" x budgets[{bi}]" if len(self.budgets) > 1 else "")
+        cfg = _resolve(settings, where)
+        _check_matching(entry.matching, cfg, where)
+        tag = _slug(entry.label.replace("/", "-"))
+        budget = cfg.budget.label().replace("=", "")
+        cell_id = _slug(f"{tag}-{budget}-seed{seed}" if phase == "main" else f"sweep-{tag}-{budget}-lr{lr:.4g}-seed{seed}")
+        return Cell(matrix=self.name, cell_id=cell_id, config=cfg, label=entry.label, phase=phase,
+                    matching=entry.matching, budget_index=bi, lr_from_sweep=phase == "main" and entry.tuned,
+                    entry_index=entry.index, compare_to=entry.compare_to, grow=entry.grow,
+                    reference=entry.reference)
+
+    def add_cell(self, cell: Cell) -> Cell:
+        if any(c.cell_id == cell.cell_id for c in self.cells):
+            raise ConfigError(f"{self.source}: two cells would share the id {cell.cell_id}; give the entries labels")
+        self.cells.append(cell)
+        return cell
 
 
 def shipped_matrices() -> dict[str, Path]:
@@ -144,90 +193,69 @@ def expand(raw: dict[str, Any], source: str = "<dict>", overrides: dict[str, Any
     if not isinstance(budgets, list) or not budgets:
         raise ConfigError(f"{source}: budgets must be a non-empty list")
     seeds = _int_list(raw.get("seeds", [defaults.get("seed", 0)]), f"{source}: seeds")
-    sweep = raw.get("lr_sweep")
-    sweep_values, sweep_budget, sweep_seeds = [], 0, [0]
-    if sweep is not None:
-        if not isinstance(sweep, dict) or set(sweep) - {"values", "budget", "seeds"}:
-            raise ConfigError(f"{source}: lr_sweep takes values, budget, seeds")
-        sweep_values = sweep.get("values")
-        if not isinstance(sweep_values, list) or len(sweep_values) < 2:
-            raise ConfigError(f"{source}: lr_sweep.values must list at least two learning rates")
-        try:
-            sweep_values = [float(v) for v in sweep_values]
-        except (TypeError, ValueError):
-            raise ConfigError(f"{source}: lr_sweep.values must be numbers") from None
-        if not all(v > 0 and math.isfinite(v) for v in sweep_values):
-            raise ConfigError(f"{source}: lr_sweep.values must be > 0")
-        sweep_budget = sweep.get("budget", 0)
-        if not isinstance(sweep_budget, int) or not 0 <= sweep_budget < len(budgets):
-            raise ConfigError(f"{source}: lr_sweep.budget must index budgets (0..{len(budgets) - 1})")
-        sweep_seeds = _int_list(sweep.get("seeds", [0]), f"{source}: lr_sweep.seeds")
-
-    cells, seen, labels = [], set(), []
-    for mi, entry in enumerate(models):
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise ConfigError(f"{source}: models[{mi}] must be a mapping with a 'model' key")
-        entry = dict(entry)
-        label = entry.pop("label", None) or f"{entry['model']}/{entry.get('preset', defaults.get('preset', 'tiny'))}"
-        if label in labels:
-            raise ConfigError(f"{source}: models[{mi}]: two entries are both labelled {label!r}; add label: ...")
-        entry_matching = entry.pop("matching", matching)
-        if entry_matching not in MATCHING:
-            raise ConfigError(f"{source}: models[{mi}].matching: {entry_matching!r} is not one of {', '.join(MATCHING)}")
-        # compare_to: a label, or null for none; by default the previous entry
-        compare_to = entry.pop("compare_to") if "compare_to" in entry else (labels[-1] if labels else None)
-        if compare_to is not None and compare_to not in labels:
-            raise ConfigError(f"{source}: models[{mi}].compare_to: {compare_to!r} is not the label of an earlier "
-                              f"entry ({', '.join(labels) or 'none'})")
-        grow = entry.pop("grow_from", None)
-        reference = entry.pop("reference", False)
-        if grow is not None:
-            allowed = {"from", "method", "init", "optimizer", "schedule"}
-            if not isinstance(grow, dict) or set(grow) - allowed or "from" not in grow or "method" not in grow:
-                raise ConfigError(f"{source}: models[{mi}].grow_from needs from and method (and optionally init, "
-                                  f"optimizer, schedule)")
-            if grow["from"] not in labels:
-                raise ConfigError(f"{source}: models[{mi}].grow_from.from: {grow['from']!r} is not the label of an "
-                                  f"earlier entry ({', '.join(labels) or 'none'})")
-            grow = {"optimizer": "fresh", "schedule": "restart", **grow}
-        own_budget = "budget" in entry  # an entry with its own budget (a growth stage) ignores the budgets list
-        labels.append(label)
-        tuned = sweep is not None and "lr" not in (entry.get("optim") or {}) and grow is None
-
-        def add(phase, bi, seed, lr=None):
-            settings = merge(defaults, entry)
-            if budgets[bi] is not None and not own_budget:
-                settings["budget"] = budgets[bi]
-            settings["seed"] = seed
-            if lr is not None:
-                settings = merge(settings, {"optim": {"lr": lr}})
-            where = f"{source}: models[{mi}]" + (f" x budgets[{bi}]" if len(budgets) > 1 else "")
-            cfg = _resolve(settings, where)
-            _check_matching(entry_matching, cfg, where)
-            tag = _slug(label.replace("/", "-"))
-            cell_id = _slug(f"{tag}-{cfg.budget.label().replace('=', '')}-seed{seed}")
-            if phase == "sweep":
-                cell_id = _slug(f"sweep-{tag}-lr{lr:g}-seed{seed}")
-            if cell_id in seen:
-                raise ConfigError(f"{where}: two cells would share the id {cell_id}; give the entries labels")
-            seen.add(cell_id)
-            cells.append(Cell(name, cell_id, cfg, label, phase, entry_matching, bi, phase == "main" and tuned, mi,
-                              compare_to, grow, bool(reference)))
-
-        if tuned:
-            for lr in sweep_values:
-                for seed in sweep_seeds:
-                    add("sweep", sweep_budget, seed, lr)
-        for bi in range(1 if own_budget else len(budgets)):
-            for seed in seeds:
-                add("main", bi, seed)
-    iso_params = [c for c in cells if c.matching == "iso_params"]
-    if iso_params:
-        _check_iso_params(iso_params, source)
+    sweep = _sweep.parse(raw["lr_sweep"], len(budgets), seeds, source) if raw.get("lr_sweep") is not None else None
     waterfall = raw.get("waterfall", False)
     if not isinstance(waterfall, bool):
         raise ConfigError(f"{source}: waterfall must be true or false")
-    return Matrix(name, str(raw.get("description", "")), cells, source, matching, sweep_values, waterfall)
+    matrix = Matrix(name, str(raw.get("description", "")), [], source, matching, waterfall, [], defaults, budgets,
+                    sweep)
+    for mi, item in enumerate(models):
+        entry = _entry(mi, item, matrix)
+        matrix.entries.append(entry)
+        if entry.tuned:
+            for bi in sweep.swept(len(budgets)):
+                for lr in sweep.grid:
+                    for seed in sweep.seeds:
+                        matrix.add_cell(matrix.make_cell(entry, "sweep", bi, seed, lr))
+        for bi in range(1 if entry.own_budget else len(budgets)):
+            for seed in seeds:
+                matrix.add_cell(matrix.make_cell(entry, "main", bi, seed))
+    if sweep is not None and sweep.budgets is not None:
+        _check_fit_budgets(matrix)
+    iso_params = [c for c in matrix.cells if c.matching == "iso_params"]
+    if iso_params:
+        _check_iso_params(iso_params, source)
+    return matrix
+
+
+def _entry(mi: int, item: Any, matrix: Matrix) -> Entry:
+    source, labels = matrix.source, [e.label for e in matrix.entries]
+    if not isinstance(item, dict) or "model" not in item:
+        raise ConfigError(f"{source}: models[{mi}] must be a mapping with a 'model' key")
+    settings = dict(item)
+    label = settings.pop("label", None) or \
+        f"{settings['model']}/{settings.get('preset', matrix.defaults.get('preset', 'tiny'))}"
+    if label in labels:
+        raise ConfigError(f"{source}: models[{mi}]: two entries are both labelled {label!r}; add label: ...")
+    entry_matching = settings.pop("matching", matrix.matching)
+    if entry_matching not in MATCHING:
+        raise ConfigError(f"{source}: models[{mi}].matching: {entry_matching!r} is not one of {', '.join(MATCHING)}")
+    # compare_to: a label, or null for none; by default the previous entry
+    compare_to = settings.pop("compare_to") if "compare_to" in settings else (labels[-1] if labels else None)
+    if compare_to is not None and compare_to not in labels:
+        raise ConfigError(f"{source}: models[{mi}].compare_to: {compare_to!r} is not the label of an earlier "
+                          f"entry ({', '.join(labels) or 'none'})")
+    grow = settings.pop("grow_from", None)
+    reference = settings.pop("reference", False)
+    if grow is not None:
+        allowed = {"from", "method", "init", "optimizer", "schedule"}
+        if not isinstance(grow, dict) or set(grow) - allowed or "from" not in grow or "method" not in grow:
+            raise ConfigError(f"{source}: models[{mi}].grow_from needs from and method (and optionally init, "
+                              f"optimizer, schedule)")
+        if grow["from"] not in labels:
+            raise ConfigError(f"{source}: models[{mi}].grow_from.from: {grow['from']!r} is not the label of an "
+                              f"earlier entry ({', '.join(labels) or 'none'})")
+        grow = {"optimizer": "fresh", "schedule": "restart", **grow}
+    tuned = matrix.sweep is not None and "lr" not in (settings.get("optim") or {}) and grow is None
+    return Entry(mi, label, settings, entry_matching, compare_to, grow, bool(reference), "budget" in settings, tuned)
+
+
+def _check_fit_budgets(matrix: Matrix) -> None:
+    """The power-law interpolation needs each budget's compute: budgets given in FLOPs."""
+    for bi, b in enumerate(matrix.budgets):
+        if not (isinstance(b, dict) and "flops" in b):
+            raise ConfigError(f"{matrix.source}: lr_sweep.budgets: a power-law fit over budgets needs every budget "
+                              f"in flops (budgets[{bi}] is {b!r}); or sweep every budget (budgets: all)")
 
 
 def _int_list(value, where: str) -> list[int]:
@@ -277,47 +305,128 @@ def cell_status(root: Path, cell: Cell) -> str:
     return "partial" if (directory / "checkpoint").exists() else "new"
 
 
-def choose_lrs(matrix: Matrix, root: Path) -> dict[str, dict[str, Any]]:
-    """Each swept model's best peak LR: the lowest mean final validation loss over the sweep seeds.
-    Written to <root>/<matrix>/lr_choice.json with every sweep point."""
-    by_label: dict[str, dict[float, list[float]]] = {}
+def _sweep_curves(matrix: Matrix, root: Path) -> dict[tuple[str, int], dict[float, dict[str, Any]]]:
+    """(label, budget index) -> {lr: {"val_loss": mean over the sweep seeds, "seeds": n, "diverged": n}} from
+    the complete or failed sweep cells on disk. A failed sweep run counts as diverged (infinite loss): a rate
+    too high to train is an observation about that rate."""
+    raw: dict[tuple[str, int], dict[float, list[float]]] = {}
     for cell in matrix.sweep_cells:
         rec = store.read_record(store.cell_dir(root, matrix.name, cell.cell_id)) or {}
-        if rec.get("status") != "complete" or rec.get("val_loss") is None:
+        if rec.get("config_hash") != cell.config_hash:
             continue
-        by_label.setdefault(cell.label, {}).setdefault(cell.config.optim.lr, []).append(rec["val_loss"])
-    choice = {}
-    for label, points in by_label.items():
-        means = {lr: sum(v) / len(v) for lr, v in points.items()}
-        best = min(means, key=means.get)
-        choice[label] = {"lr": best, "val_loss": means[best], "sweep": {f"{lr:g}": m for lr, m in sorted(means.items())},
-                         "edge": best in (min(means), max(means))}
+        if rec.get("status") == "complete" and rec.get("val_loss") is not None and math.isfinite(rec["val_loss"]):
+            loss = float(rec["val_loss"])
+        elif rec.get("status") in ("complete", "failed"):
+            loss = math.inf
+        else:
+            continue
+        raw.setdefault((cell.label, cell.budget_index), {}).setdefault(cell.config.optim.lr, []).append(loss)
+    return {key: {lr: {"val_loss": sum(v) / len(v), "seeds": len(v), "diverged": sum(not math.isfinite(x) for x in v)}
+                  for lr, v in sorted(points.items())} for key, points in raw.items()}
+
+
+def _budget_compute(matrix: Matrix, bi: int) -> float:
+    return float(matrix.budgets[bi]["flops"])
+
+
+def choose_lrs(matrix: Matrix, root: Path) -> dict[str, dict[str, Any]]:
+    """Each tuned entry's peak LR at each budget, written to <root>/<matrix>/lr_choice.json with every sweep
+    point: ``{label: {str(budget index): {lr, val_loss, status, source, curve, ...}}}``. ``source`` is
+    ``sweep`` (the best swept rate; ``status`` interior, at_bound, or extending while the sweep runs) or
+    ``power_law`` (a·C^b fitted to the swept budgets' optima; the fit and its residuals are kept)."""
+    curves = _sweep_curves(matrix, root)
+    spec = matrix.sweep
+    choice: dict[str, dict[str, Any]] = {}
+    for entry in (e for e in matrix.entries if e.tuned):
+        per_budget: dict[str, Any] = {}
+        for bi in spec.swept(len(matrix.budgets)):
+            curve = curves.get((entry.label, bi))
+            if not curve:
+                continue
+            try:
+                pick = _sweep.choose({lr: p["val_loss"] for lr, p in curve.items()}, spec)
+            except ValueError as e:
+                per_budget[str(bi)] = {"lr": None, "status": "failed", "error": str(e), "source": "sweep",
+                                       "curve": {f"{lr:.6g}": p for lr, p in curve.items()}}
+                continue
+            per_budget[str(bi)] = {**pick, "source": "sweep", "budget": _budget_label(matrix, bi),
+                                   "curve": {f"{lr:.6g}": p for lr, p in curve.items()}}
+        if spec.budgets is not None:
+            points = [(_budget_compute(matrix, bi), per_budget[str(bi)]["lr"]) for bi in spec.budgets
+                      if per_budget.get(str(bi), {}).get("lr")]
+            if len(points) >= 2:
+                fit = _sweep.fit_power_law(points)
+                for bi in range(len(matrix.budgets)):
+                    if bi not in spec.budgets:
+                        lr, clipped = _sweep.predict(fit, _budget_compute(matrix, bi), spec.bounds)
+                        per_budget[str(bi)] = {"lr": lr, "status": "at_bound" if clipped else "interpolated",
+                                               "source": "power_law", "budget": _budget_label(matrix, bi),
+                                               "fit": fit}
+        choice[entry.label] = per_budget
     store.write_json_atomic(Path(root) / matrix.name / LR_CHOICE, choice)
     return choice
+
+
+def _budget_label(matrix: Matrix, bi: int) -> str:
+    b = matrix.budgets[bi]
+    return BudgetConfig(**b).label() if isinstance(b, dict) else str(b)
+
+
+def extend_sweep(matrix: Matrix, choice: dict[str, dict[str, Any]]) -> list[Cell]:
+    """The next round of a self-extending sweep: for every (entry, budget) whose best rate is at an end of
+    what has run, one more point beyond it (every sweep seed). Returns the new cells (also added to matrix)."""
+    new = []
+    have = {(c.label, c.budget_index, round(math.log(c.config.optim.lr), 9)) for c in matrix.sweep_cells}
+    for entry in (e for e in matrix.entries if e.tuned):
+        for key, pick in choice.get(entry.label, {}).items():
+            nxt = pick.get("next")
+            if pick.get("source") != "sweep" or nxt is None:
+                continue
+            bi = int(key)
+            if (entry.label, bi, round(math.log(nxt), 9)) in have:
+                continue
+            for seed in matrix.sweep.seeds:
+                new.append(matrix.add_cell(matrix.make_cell(entry, "sweep", bi, seed, nxt)))
+    return new
 
 
 def apply_lr_choice(matrix: Matrix, choice: dict[str, dict[str, Any]]) -> None:
     for cell in matrix.main_cells:
         if cell.lr_from_sweep:
-            if cell.label not in choice:
-                raise ConfigError(f"no completed sweep cell for {cell.label}: cannot choose its learning rate")
+            pick = choice.get(cell.label, {}).get(str(cell.budget_index)) or {}
+            if not pick.get("lr"):
+                raise ConfigError(f"no usable sweep result for {cell.label} at budget {cell.budget_index}: cannot "
+                                  f"choose its learning rate ({pick.get('error', 'no completed sweep cell')})")
             cell.config = copy.deepcopy(cell.config)
-            cell.config.optim.lr = choice[cell.label]["lr"]
+            cell.config.optim.lr = float(pick["lr"])
+
+
+MAX_SWEEP_ROUNDS = 50  # a bound on extension rounds (the bounds in the matrix end it long before)
 
 
 def run_matrix(matrix: Matrix, root: str | Path = store.DEFAULT_ROOT, force: bool = False,
                log=print, nproc: int = 1) -> list[dict[str, Any]]:
     """Train every cell not already complete; returns the records (complete, resumed, or failed).
-    With an lr_sweep the sweep cells train first and the chosen rates go to the main cells.
-    ``nproc`` > 1 trains each cell data-parallel under torchrun."""
+    With an lr_sweep the sweep cells train first, in rounds that extend the grid wherever its best point is at
+    an end, and each (entry, budget) gets its own chosen rate. ``nproc`` > 1 trains each cell data-parallel
+    under torchrun."""
     root = Path(root)
     records = []
-    if matrix.sweep_cells:
-        records += _run_cells(matrix, matrix.sweep_cells, root, force, log, nproc, "lr sweep")
-        choice = choose_lrs(matrix, root)
-        for label, c in choice.items():
-            log(f"    {label}: peak lr {c['lr']:g} (val loss {c['val_loss']:.4f})"
-                + ("  [best rate at the edge of the sweep]" if c["edge"] else ""))
+    if matrix.sweep is not None and matrix.sweep_cells:
+        todo, forced = matrix.sweep_cells, force
+        for round_ in range(MAX_SWEEP_ROUNDS):
+            records += _run_cells(matrix, todo, root, forced, log, nproc, "lr sweep" + (f" +{round_}" if round_ else ""))
+            forced = False  # --force retrains what exists, not the points added after it
+            choice = choose_lrs(matrix, root)
+            todo = extend_sweep(matrix, choice)
+            if not todo:
+                break
+        for label, per_budget in choice.items():
+            for key, c in sorted(per_budget.items(), key=lambda kv: int(kv[0])):
+                if c.get("lr"):
+                    log(f"    {label} @ {c.get('budget', key)}: peak lr {c['lr']:.4g}"
+                        + (f" (val loss {c['val_loss']:.4f})" if c.get("val_loss") is not None else "")
+                        + {"at_bound": "  [at the sweep's bound]", "interpolated": "  [power law]"}.get(c["status"], ""))
         apply_lr_choice(matrix, choice)
     records += _run_cells(matrix, matrix.main_cells, root, force, log, nproc, "main")
     return records
@@ -392,10 +501,22 @@ def _run_cells(matrix: Matrix, cells: list[Cell], root: Path, force: bool, log, 
     statuses = {}
     for cell in cells:  # check every cell before any trains
         statuses[cell.cell_id] = "new" if force else cell_status(root, cell)
+    # cells with identical training configs (the same rung listed in two tables) train once; the others share
+    # the result, under their own labels
+    canonical = {}
+    for c in matrix.cells:
+        canonical.setdefault(c.config_hash, c)
     records = []
     for i, cell in enumerate(cells, 1):
         directory = store.cell_dir(root, matrix.name, cell.cell_id)
         status = statuses[cell.cell_id]
+        twin = canonical[cell.config_hash]
+        if twin is not cell and status != "complete":
+            record = _share(matrix, twin, cell, root)
+            log(f"[{phase} {i}/{len(cells)}] {cell.cell_id}: same config as {twin.cell_id}, "
+                + ("shared" if record.get("status") == "complete" else "its twin did not complete"))
+            records.append(record)
+            continue
         if status == "complete":
             log(f"[{phase} {i}/{len(cells)}] {cell.cell_id}: complete, skipped")
             record = store.read_record(directory)
@@ -415,14 +536,7 @@ def _run_cells(matrix: Matrix, cells: list[Cell], root: Path, force: bool, log, 
                 log(f"    failed: {record['error']}")
                 records.append(record)
                 continue
-        base = {"matrix": matrix.name, "matrix_source": matrix.source, "cell_id": cell.cell_id,
-                "config_hash": cell.config_hash, "config": asdict(cell.config), "model": cell.config.model,
-                "preset": cell.config.preset, "label": cell.label, "phase": cell.phase, "matching": cell.matching,
-                "budget_index": cell.budget_index, "seed": cell.config.seed, "lr": cell.config.optim.lr,
-                "lr_from_sweep": cell.lr_from_sweep, "entry_index": cell.entry_index, "compare_to": cell.compare_to,
-                "waterfall": matrix.waterfall, "grow": cell.grow, "reference": cell.reference,
-                "growth_event": growth_event, "budget": asdict(cell.config.budget),
-                "budget_label": cell.config.budget.label(), "git_revision": store.git_revision(),
+        base = {**_identity(matrix, cell), "growth_event": growth_event, "git_revision": store.git_revision(),
                 "versions": store.library_versions()}
         t0 = time.time()
         try:
@@ -450,3 +564,31 @@ def _run_cells(matrix: Matrix, cells: list[Cell], root: Path, force: bool, log, 
         log(f"    val loss {record.get('val_loss', float('nan')):.4f}  bpb {record.get('val_bpb', float('nan')):.3f}  "
             f"{record['tokens']:.3g} tokens  {record['wall_time_s']:.0f}s")
     return records
+
+
+def _identity(matrix: Matrix, cell: Cell) -> dict[str, Any]:
+    """What a record says about which cell it is (as opposed to what training measured)."""
+    return {"matrix": matrix.name, "matrix_source": matrix.source, "cell_id": cell.cell_id,
+            "config_hash": cell.config_hash, "config": asdict(cell.config), "model": cell.config.model,
+            "preset": cell.config.preset, "label": cell.label, "phase": cell.phase, "matching": cell.matching,
+            "budget_index": cell.budget_index, "seed": cell.config.seed, "lr": cell.config.optim.lr,
+            "lr_from_sweep": cell.lr_from_sweep, "entry_index": cell.entry_index, "compare_to": cell.compare_to,
+            "waterfall": matrix.waterfall, "grow": cell.grow, "reference": cell.reference,
+            "budget": asdict(cell.config.budget), "budget_label": cell.config.budget.label()}
+
+
+def _share(matrix: Matrix, twin: Cell, cell: Cell, root: Path) -> dict[str, Any]:
+    """``cell`` trains exactly what ``twin`` trained: its record is the twin's measurements under this cell's
+    identity (``shared_with`` names the twin), its metrics a copy of the twin's; no second checkpoint."""
+    src = store.cell_dir(root, matrix.name, twin.cell_id)
+    rec = store.read_record(src) or {}
+    directory = store.cell_dir(root, matrix.name, cell.cell_id)
+    if rec.get("status") != "complete":
+        return {**_identity(matrix, cell), "status": "failed", "shared_with": twin.cell_id,
+                "error": f"its twin {twin.cell_id} is {rec.get('status', 'missing')}"}
+    metrics = src / "metrics.jsonl"
+    if metrics.is_file():
+        store.write_text_atomic(directory / "metrics.jsonl", metrics.read_text())
+    record = {**rec, **_identity(matrix, cell), "shared_with": twin.cell_id}
+    store.write_record(directory, record)
+    return record

@@ -42,6 +42,9 @@ from .errors import DataError
 class Document:
     id: str      # stable across machines and runs: it alone decides the split
     text: str
+    # which corpus of the data mix it belongs to (embedded: shakespeare | kjv; local: its file; hf: the
+    # dataset): validation is reported per source as well as overall
+    source: str = ""
 
 
 def split_unit(doc_id: str) -> float:
@@ -198,7 +201,8 @@ def markdown_to_text(md: str) -> str:
 
 def _shakespeare_documents(files: list[Path]) -> Iterator[Document]:
     for path in files:
-        yield Document(f"shakespeare/{path.parent.name}/{path.stem}", markdown_to_text(path.read_text("utf-8")))
+        yield Document(f"shakespeare/{path.parent.name}/{path.stem}", markdown_to_text(path.read_text("utf-8")),
+                       "shakespeare")
 
 
 def _kjv_documents(path: Path) -> Iterator[Document]:
@@ -215,11 +219,11 @@ def _kjv_documents(path: Path) -> Iterator[Document]:
                 raise DataError(f"{path}:{lineno}: unexpected KJV verse record ({e})") from None
             if (b, c) != key:
                 if key is not None:
-                    yield Document(f"kjv/{key[0]}/{key[1]}", "\n".join(lines) + "\n")
+                    yield Document(f"kjv/{key[0]}/{key[1]}", "\n".join(lines) + "\n", "kjv")
                 key, lines = (b, c), [f"{b} {c}", ""]
             lines.append(f"{c}:{n} {t.strip()}")
     if key is not None:
-        yield Document(f"kjv/{key[0]}/{key[1]}", "\n".join(lines) + "\n")
+        yield Document(f"kjv/{key[0]}/{key[1]}", "\n".join(lines) + "\n", "kjv")
 
 
 def _embedded_corpus(spec: str) -> Corpus:
@@ -304,7 +308,7 @@ def jsonl_documents(path: Path, text_field: str, id_prefix: str) -> Iterator[Doc
                 what = f"keys: {', '.join(map(str, row))}" if isinstance(row, dict) else f"a {type(row).__name__}"
                 raise DataError(f"{path}:{lineno}: no string field {text_field!r} ({what})")
             if text.strip():
-                yield Document(f"{id_prefix}:{lineno}", text)
+                yield Document(f"{id_prefix}:{lineno}", text, id_prefix)
 
 
 def _local_corpus(specs, text_field: str) -> Corpus:
@@ -320,7 +324,7 @@ def _local_corpus(specs, text_field: str) -> Corpus:
             else:
                 text = _read_text(p)
                 if text.strip():
-                    yield Document(rel[p], text)
+                    yield Document(rel[p], text, rel[p])
 
     stats = {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in files}
     identity = {"kind": "files", "files": stats,
@@ -355,7 +359,7 @@ def _hf_corpus(spec: str, text_field: str, max_documents: int | None, max_bytes:
                 if not isinstance(text, str):
                     raise DataError(f"{spec} row {i}: no string field {text_field!r} (keys: {', '.join(row)})")
                 if text.strip():
-                    yield Document(f"{name}:{config}:{i}", text)
+                    yield Document(f"{name}:{config}:{i}", text, f"{name}:{config}".rstrip(":"))
         except DataError:
             raise
         except Exception as e:  # network, auth, unknown dataset: one line naming the source

@@ -30,7 +30,7 @@ from .corpus import SPLIT_RULE, Corpus, split_unit
 from .errors import DataError
 from .tokenizers import Tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-document token/byte counts and sources of the validation split
 SPLITS = ("train", "val")
 CACHE_ENV = "TFB_CACHE"
 
@@ -64,15 +64,27 @@ class _SplitWriter:
         self.f = open(path, "wb")
         self.n_tokens = self.n_bytes = 0
         self.doc_ids: list[str] = []
+        # per document, in file order: tokens (eot included), UTF-8 bytes, source; what per-source validation
+        # metrics need to map a scored position back to its corpus
+        self.doc_tokens: list[int] = []
+        self.doc_bytes: list[int] = []
+        self.doc_sources: list[str] = []
+        self.source_bytes: dict[str, int] = {}
         self.extreme: tuple[float, str, int, int, int] | None = None  # (unit, id, start, end, n_bytes)
 
-    def add(self, doc_id: str, ids: np.ndarray, eot: int, n_bytes: int, unit: float, keep_low: bool) -> None:
+    def add(self, doc_id: str, ids: np.ndarray, eot: int, n_bytes: int, unit: float, keep_low: bool,
+            source: str = "") -> None:
         start = self.n_tokens
+        source = source or doc_id
         self.f.write(np.asarray(ids, dtype=self.dtype).tobytes())
         self.f.write(np.asarray([eot], dtype=self.dtype).tobytes())
         self.n_tokens += len(ids) + 1
         self.n_bytes += n_bytes
         self.doc_ids.append(doc_id)
+        self.doc_tokens.append(len(ids) + 1)
+        self.doc_bytes.append(n_bytes)
+        self.doc_sources.append(source)
+        self.source_bytes[source] = self.source_bytes.get(source, 0) + n_bytes
         if self.extreme is None or (unit < self.extreme[0] if keep_low else unit > self.extreme[0]):
             self.extreme = (unit, doc_id, start, self.n_tokens, n_bytes)
 
@@ -81,8 +93,13 @@ class _SplitWriter:
         os.fsync(self.f.fileno())
         self.f.close()
 
-    def stats(self) -> dict[str, int]:
-        return {"n_tokens": self.n_tokens, "n_bytes": self.n_bytes, "n_documents": len(self.doc_ids)}
+    def stats(self) -> dict[str, Any]:
+        return {"n_tokens": self.n_tokens, "n_bytes": self.n_bytes, "n_documents": len(self.doc_ids),
+                "source_bytes": dict(sorted(self.source_bytes.items()))}
+
+    def documents(self) -> dict[str, list]:
+        return {"doc_ids": self.doc_ids, "doc_tokens": self.doc_tokens, "doc_bytes": self.doc_bytes,
+                "doc_sources": self.doc_sources}
 
 
 def _move_document(src: _SplitWriter, dst: _SplitWriter) -> None:
@@ -100,8 +117,16 @@ def _move_document(src: _SplitWriter, dst: _SplitWriter) -> None:
     os.replace(rest, src.path)
     src.n_tokens -= end - start
     src.n_bytes -= n_bytes
-    src.doc_ids.remove(doc_id)
+    i = src.doc_ids.index(doc_id)
+    source = src.doc_sources[i]
+    for lst in (src.doc_ids, src.doc_tokens, src.doc_bytes, src.doc_sources):
+        del lst[i]
+    src.source_bytes[source] -= n_bytes
+    if not src.source_bytes[source]:
+        del src.source_bytes[source]
     dst.n_tokens, dst.n_bytes, dst.doc_ids = end - start, n_bytes, [doc_id]
+    dst.doc_tokens, dst.doc_bytes, dst.doc_sources = [end - start], [n_bytes], [source]
+    dst.source_bytes = {source: n_bytes}
 
 
 def _chunks(docs, max_docs: int = 512, max_bytes: int = 8 << 20):
@@ -131,9 +156,9 @@ def build_shards(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float, out_
                 unit = split_unit(doc.id)
                 n_bytes = len(doc.text.encode("utf-8"))
                 if unit < val_fraction:
-                    w["val"].add(doc.id, ids, tokenizer.eot_id, n_bytes, unit, keep_low=False)
+                    w["val"].add(doc.id, ids, tokenizer.eot_id, n_bytes, unit, keep_low=False, source=doc.source)
                 else:
-                    w["train"].add(doc.id, ids, tokenizer.eot_id, n_bytes, unit, keep_low=True)
+                    w["train"].add(doc.id, ids, tokenizer.eot_id, n_bytes, unit, keep_low=True, source=doc.source)
                 bar.update(n_bytes)
     finally:
         bar.close()
@@ -160,7 +185,7 @@ def build_shards(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float, out_
         "split": {"val_fraction": val_fraction, "rule": SPLIT_RULE},
         "layout": "each document's tokens followed by eot_id; n_bytes counts the documents' UTF-8 text only",
         "train": w["train"].stats(),
-        "val": {**w["val"].stats(), "doc_ids": w["val"].doc_ids},
+        "val": {**w["val"].stats(), **w["val"].documents()},
         "build_seconds": round(time.time() - t0, 3),
     }
 
@@ -323,14 +348,16 @@ class Batcher:
 
 
 class ValBatches:
-    """The validation split in order as non-overlapping windows (window ``k`` = tokens ``[k·L, k·L + L]``, so
-    every token after the first is predicted exactly once), ``batch_size`` windows per batch, the last batch
-    possibly smaller. ``n_tokens`` is how many targets a full pass scores (``len(self)`` batches); with
+    """The validation split as non-overlapping windows (window ``k`` = tokens ``[k·L, k·L + L]``, so every
+    token after the first is predicted exactly once in a full pass), ``batch_size`` windows per batch, the last
+    batch possibly smaller. ``max_batches`` keeps ``max_batches · batch_size`` windows: the first ones, or with
+    ``spread=True`` ones evenly spaced over the whole split (an intermediate evaluation that sees every corpus
+    of the mix, not the first document). ``n_tokens`` is how many targets a pass scores; with
     ``rank``/``world_size`` each rank gets its contiguous block of each batch (``np.array_split``; a short last
     batch may leave a rank none) and ``n_tokens`` stays the all-ranks total."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, spread: bool = False):
         if seq_len < 1 or batch_size < 1:
             raise DataError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
         if not 0 <= rank < world_size:
@@ -339,21 +366,34 @@ class ValBatches:
         if windows < 1:
             raise DataError(f"the validation split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}"
                             "; raise val_fraction or lower seq_len")
-        n_batches = math.ceil(windows / batch_size)
-        if max_batches is not None:
-            n_batches = min(n_batches, max_batches)
+        keep = windows if max_batches is None else min(windows, max_batches * batch_size)
+        if keep == windows:
+            self.window_ids = np.arange(windows, dtype=np.int64)
+        elif spread:  # evenly spaced over the split: window floor(i * windows / keep)
+            self.window_ids = (np.arange(keep, dtype=np.int64) * windows) // keep
+        else:
+            self.window_ids = np.arange(keep, dtype=np.int64)
         self.tokens, self.seq_len, self.batch_size, self.rank, self.world_size = tokens, seq_len, batch_size, rank, world_size
-        self.windows = min(windows, n_batches * batch_size)
-        self.n_batches = n_batches
-        self.n_tokens = self.windows * seq_len
+        self.total_windows = windows
+        self.windows = keep
+        self.full = keep == windows
+        self.n_batches = math.ceil(keep / batch_size)
+        self.n_tokens = keep * seq_len
 
     def __len__(self) -> int:
         return self.n_batches
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def with_starts(self) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+        """``(starts, x, y)`` per batch: ``starts`` are this rank's rows' first token positions in the split,
+        so target ``y[r, t]`` is token ``starts[r] + 1 + t``."""
         for b in range(self.n_batches):
-            k = np.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.windows), dtype=np.int64)
-            yield _rows(self.tokens, np.array_split(k, self.world_size)[self.rank] * self.seq_len, self.seq_len + 1)
+            k = np.array_split(self.window_ids[b * self.batch_size:(b + 1) * self.batch_size], self.world_size)[self.rank]
+            starts = k * self.seq_len
+            yield (starts, *_rows(self.tokens, starts, self.seq_len + 1))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _, x, y in self.with_starts():
+            yield x, y
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -391,8 +431,29 @@ class TokenDataset:
         return Batcher(self.train, seq_len, batch_size, seed, "train")
 
     def val_batches(self, seq_len: int, batch_size: int, max_batches: int | None = None,
-                    rank: int = 0, world_size: int = 1) -> ValBatches:
-        return ValBatches(self.val, seq_len, batch_size, max_batches, rank, world_size)
+                    rank: int = 0, world_size: int = 1, spread: bool = False) -> ValBatches:
+        return ValBatches(self.val, seq_len, batch_size, max_batches, rank, world_size, spread)
+
+    def val_sources(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(source names, the source index of each validation document, each document's end position in the
+        split): position p belongs to document ``searchsorted(ends, p, side='right')``."""
+        m = self.meta["val"]
+        names = sorted(set(m["doc_sources"]))
+        index = {n: i for i, n in enumerate(names)}
+        return (names, np.asarray([index[s] for s in m["doc_sources"]], dtype=np.int64),
+                np.cumsum(np.asarray(m["doc_tokens"], dtype=np.int64)))
+
+    def source_bytes_per_token(self, split: str = "val") -> dict[str, float]:
+        """Each source's UTF-8 bytes per token in ``split`` (eot tokens count, as in ``bytes_per_token``)."""
+        m = self.meta[split]
+        if "doc_sources" not in m:
+            return {}
+        tok: dict[str, int] = {}
+        byt: dict[str, int] = {}
+        for s, t, b in zip(m["doc_sources"], m["doc_tokens"], m["doc_bytes"]):
+            tok[s] = tok.get(s, 0) + t
+            byt[s] = byt.get(s, 0) + b
+        return {s: byt[s] / tok[s] for s in tok}
 
     def bytes_per_token(self, split: str = "val") -> float:
         return self.meta[split]["n_bytes"] / self.meta[split]["n_tokens"]
@@ -408,4 +469,4 @@ class TokenDataset:
                 "vocab_size": self.tokenizer.vocab_size, "eot_id": self.tokenizer.eot_id,
                 "val_fraction": self.meta["split"]["val_fraction"], "key": self.meta["key"],
                 "train": dict(self.meta["train"]),
-                "val": {k: v for k, v in self.meta["val"].items() if k != "doc_ids"}}
+                "val": {k: v for k, v in self.meta["val"].items() if not k.startswith("doc_")}}

@@ -8,7 +8,6 @@ uninterrupted one.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -32,6 +31,8 @@ from ..config import ConfigError, TrainConfig
 from . import distributed
 from .checkpoint import load_checkpoint, read_state, save_checkpoint
 from .distributed import DistInfo, all_reduce_sum
+from .validate import autocast as _autocast
+from .validate import evaluate
 from .optim import build_optimizer, lr_at, no_decay_names
 
 CHECKPOINT_DIR = "checkpoint"
@@ -80,41 +81,6 @@ def peak_memory_bytes(device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device)
     # CPU: peak resident set size of this process (Linux reports KiB)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-@torch.no_grad()
-def evaluate(model, dataset, seq_len: int, batch_size: int, micro: int, max_batches: int, device, amp_dtype,
-             info: DistInfo = DistInfo()) -> dict:
-    """Mean next-token loss over the first ``max_batches`` global batches of ``batch_size`` windows of the
-    validation split (in order, non-overlapping; 0 = all of it), forwarded ``micro`` rows at a time. Under data
-    parallelism each rank scores its block of every global batch and the sums are all-reduced, so the number
-    is the same on any world size."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x_all, y_all in dataset.val_batches(seq_len, batch_size, max_batches or None, info.rank, info.world_size):
-        for i in range(0, max(x_all.shape[0], 1), micro):
-            x, y = x_all[i:i + micro], y_all[i:i + micro]
-            empty = x.shape[0] == 0
-            if empty:  # a short last batch may leave a rank no rows; a sharded model still needs its forward
-                x, y = torch.zeros(1, seq_len, dtype=torch.long), torch.zeros(1, seq_len, dtype=torch.long)
-            x, y = x.to(device), y.to(device)
-            with _autocast(device, amp_dtype):
-                logits = model(x)
-            if not empty:
-                total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
-                count += y.numel()
-    total, count = all_reduce_sum([total, float(count)], info, device)
-    model.train(was_training)
-    loss = total / max(count, 1)
-    return {"val_loss": loss, "val_tokens": int(count), "val_bpb": dataset.bits_per_byte(loss),
-            "val_ppl": math.exp(min(loss, 50.0))}
-
-
-def _autocast(device, amp_dtype):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
 def environment() -> dict[str, Any]:
@@ -206,7 +172,8 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
     init_eval: dict[str, Any] = {}
     if init_dir is not None and init_dir != ckpt_dir:
         # the starting point's validation loss (e.g. just after growth: the function-preservation gap)
-        init_eval = evaluate(wrapped, dataset, seq_len, cfg.batch_size, micro, cfg.eval_batches, device, amp_dtype, info)
+        init_eval = evaluate(wrapped, dataset, seq_len, cfg.batch_size, micro, cfg.eval_batches, device, amp_dtype, info,
+                             full=True)
         if info.is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({"step": start_step, "tokens": 0, "flops": 0.0, "cumulative_flops": flops_offset,
@@ -265,8 +232,9 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
                           "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
                 window_loss, window_n, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
             if done % cfg.eval_every == 0 or done == steps:
+                # the final evaluation scores the whole validation split; intermediate ones may subsample
                 last_eval = evaluate(wrapped, dataset, seq_len, cfg.batch_size, micro, cfg.eval_batches, device,
-                                     amp_dtype, info)
+                                     amp_dtype, info, full=done == steps)
                 spent = (done - run_start) * tokens_per_step
                 record = record or {"step": done, "tokens": spent, "flops": spent * flops_per_token,
                                     "cumulative_flops": flops_offset + spent * flops_per_token}
@@ -276,7 +244,7 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
                 metrics.flush()
                 if writer is not None:
                     for k, v in record.items():
-                        if k != "step":
+                        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                             writer.add_scalar(k, v, done)
                 if on_log:
                     on_log(record)
