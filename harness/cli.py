@@ -117,8 +117,13 @@ def cmd_run(args) -> int:
 
 def cmd_report(args) -> int:
     from . import store
-    from .report import write_report
+    from .report import write_earlier_verdicts, write_report
     root = args.results or store.DEFAULT_ROOT
+    if args.snapshot_verdicts:
+        # an older store's verdicts, as its report printed them, for a later report of the same matrix to diff
+        out = write_earlier_verdicts(root, args.snapshot_verdicts, args.description or f"Verdicts of {root}")
+        print(f"verdicts: {out}")
+        return 0
     path = write_report(root, args.out)
     print(path.read_text().split("\n![")[0])
     print(f"report: {path}")
@@ -213,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write report.md and plots from a results directory")
     rep.add_argument("results", nargs="?", help="results directory (default results/runs)")
     rep.add_argument("--out", help="where to write (default: the results directory)")
+    rep.add_argument("--snapshot-verdicts", metavar="FILE", help="instead: write the verdicts of RESULTS as its "
+                     "report printed them (Welch, uncorrected) to FILE; a matrix directory holding FILE as "
+                     "earlier_verdicts.json gets a table of the verdicts that changed")
+    rep.add_argument("--description", help="with --snapshot-verdicts: what the snapshot is (revision, protocol)")
     rep.set_defaults(func=cmd_report)
 
     ev = sub.add_parser("eval", help="lm-eval tasks on a checkpoint (the paper's six zero-shot tasks by default)")

