@@ -15,10 +15,10 @@ A matrix file (YAML):
       - {model: mamba, preset: tiny, label: mamba-tiny}
     budgets: [{flops: 1e12}, {flops: 3e12}]   # a ladder; optional, default: defaults.budget
     seeds: [0, 1, 2]              # optional; default: [defaults.seed]
-    lr_sweep:                     # optional: each model's peak LR chosen by a sweep at one budget (default the
-      values: [1e-3, 3e-3, 1e-2]  # first, the smallest) and carried to every budget; a model entry that sets
-      budget: 0                   # optim.lr itself is not swept
-      seeds: [0]
+    lr_sweep:                     # optional: every entry's peak LR tuned at every budget (see harness.sweep):
+      center: 3e-3                # a geometric grid (ratio 2, 5 points by default) that extends itself past
+      bounds: [1e-4, 1e-1]        # an end holding the optimum until it is interior or a bound stops it;
+      seeds: [1000]               # sweep seeds, disjoint from seeds; an entry that sets optim.lr is not swept
 
 Every cell is resolved and validated before the first one trains, so a bad matrix changes nothing on disk.
 """
