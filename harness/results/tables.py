@@ -123,7 +123,10 @@ def _groups(runs: list[Run], *keys: str) -> dict[tuple, list[Run]]:
 
 # ------------------------------------------------------------------------------------------ matched compute
 def matched_compute_rows(store: Store, matrix: str, reference_model: str = REFERENCE_MODEL) -> list[Row]:
-    runs = [r for r in store.main(matrix) if not r.waterfall and not r.grow and not r.reference]
+    runs = store.main(matrix)
+    if any(r.grow or r.reference for r in runs):
+        return []  # a growth study: its comparisons are the growth-cost table's
+    runs = [r for r in runs if not r.waterfall]
     rows = []
     for (bi,), group in sorted(_groups(runs, "budget_index").items()):
         by_label = _groups(group, "label")
