@@ -82,3 +82,37 @@ def test_sweep_extends_until_its_bound_shares_twins_and_keeps_seeds_apart(corpus
     text = write_report(tmp_path / "store" / "sw").read_text()
     assert "Cells whose rate is still at a bound: a @ steps=3; b @ steps=3." in text
     assert "3.2e-05 (at bound)" in text
+
+
+def test_power_law_mode_interpolates_the_unswept_budget_from_the_swept_optima(tmp_path):
+    """Sweep records written by hand at budgets 1e9 and 1e11 with optima 8e-3 and 2e-3: the fitted law is
+    lr = a·C^b with b = log(2e-3 / 8e-3) / log(100) = -log10(2) = -0.30103, so C^b = 2^(-log10 C) and
+    a = 8e-3 · 2^9 = 4.096; at C = 1e10 it gives 4.096 · 2^-10 = 4e-3 (the geometric mean of the two optima),
+    which the main cell gets."""
+    from harness import store
+    from harness.matrix import apply_lr_choice, choose_lrs
+    from harness.report import write_report
+    raw = {"name": "pl", "defaults": {"seq_len": 32, "batch_size": 4}, "seeds": [0],
+           "models": [{"model": "transformer_pp", "preset": "tiny"}],
+           "budgets": [{"flops": 1e9}, {"flops": 1e10}, {"flops": 1e11}],
+           "lr_sweep": {"center": 4e-3, "points": 5, "bounds": [1e-4, 1e-1], "seeds": [9], "budgets": [0, 2]}}
+    m = expand(raw)
+    best = {0: 8e-3, 2: 2e-3}
+    for cell in m.sweep_cells:
+        lr, bi = cell.config.optim.lr, cell.budget_index
+        loss = 2.0 + abs(math.log(lr / best[bi]))  # V-shaped in log lr, minimum at the budget's optimum
+        store.write_record(store.cell_dir(tmp_path, "pl", cell.cell_id),
+                           {**{"matrix": "pl", "cell_id": cell.cell_id, "label": cell.label, "phase": "sweep",
+                               "model": "transformer_pp", "preset": "tiny", "seed": 9, "budget_index": bi,
+                               "lr": lr}, "config_hash": cell.config_hash, "status": "complete", "val_loss": loss})
+    choice = choose_lrs(m, tmp_path)["transformer_pp/tiny"]
+    assert choice["0"]["lr"] == pytest.approx(8e-3) and choice["2"]["lr"] == pytest.approx(2e-3)
+    mid = choice["1"]
+    assert mid["source"] == "power_law" and mid["status"] == "interpolated"
+    assert mid["fit"]["b"] == pytest.approx(math.log(0.25) / math.log(100)) and mid["fit"]["a"] == pytest.approx(4.096)
+    assert mid["lr"] == pytest.approx(4e-3)
+    apply_lr_choice(m, {"transformer_pp/tiny": choice})
+    assert {c.budget_index: c.config.optim.lr for c in m.main_cells} == pytest.approx({0: 8e-3, 1: 4e-3, 2: 2e-3})
+    text = write_report(tmp_path / "pl").read_text()
+    assert "Power law for transformer_pp/tiny: lr*(C) = 4.096·C^-0.3010" in text
+    assert "| interpolated |" in text
