@@ -100,12 +100,10 @@ def _lr_cell(store: Store, run: Run) -> str:
     return f"{run.lr:.3g}{flag}"
 
 
-def _summary_columns(store: Store, runs: list[Run], sources: list[str]) -> dict[str, str]:
+def _summary_columns(store: Store, runs: list[Run]) -> dict[str, str]:
     loss_m, loss_h = stats.mean_ci([r.val_loss for r in runs])
     bpb_m, bpb_h = stats.mean_ci([r.val_bpb for r in runs])
     out = {"seeds": str(len(runs)), "val loss": stats.fmt_ci(loss_m, loss_h), "bits/byte": stats.fmt_ci(bpb_m, bpb_h, 3)}
-    for s in sources:
-        out[f"{s} bits/byte"] = f"{_mean([r.val_sources.get(s, {}).get('bpb') for r in runs]):.3f}"
     tokens = {r.val_tokens for r in runs}
     full = {r.val_full for r in runs}
     out["val tokens scored"] = (human(next(iter(tokens))) if len(tokens) == 1 else "varies") + \
@@ -150,14 +148,13 @@ def matched_compute_section(store: Store, matrix: str) -> tuple[list[str], list[
              f"unpaired, for comparison; p Holm: Holm-Bonferroni over the family of all {n_tests} comparisons of "
              f"this matrix (every budget). Verdict from p Holm: \"not distinguishable\" where it is ≥ 0.05. "
              "Bits/byte: whole validation split, overall and per source.", ""]
-    sources = _sources([r for row in rows for r in row.runs])
     for budget in dict.fromkeys(r.budget for r in rows):
         group = [r for r in rows if r.budget == budget]
         ref = next((r.label for r in group if r.vs is None), "-")
         table = []
         for row in sorted(group, key=lambda r: _mean([x.val_loss for x in r.runs])):
             first = row.runs[0]
-            table.append({"model": row.label, **_summary_columns(store, row.runs, sources),
+            table.append({"model": row.label, **_summary_columns(store, row.runs),
                           **{k if k != "verdict" else f"verdict vs {ref}": v for k, v in stat_columns(row).items()},
                           "params": human(first.params), "non-emb": human(first.non_embedding_params),
                           "tokens": human(_mean([r.tokens for r in row.runs])),
@@ -188,18 +185,41 @@ def waterfall_section(store: Store, matrix: str) -> tuple[list[str], list[Row]]:
              "Each rung changes one component; Δ = rung − the rung named in 'vs', paired by seed. p Holm: "
              f"Holm-Bonferroni over the family of all {n_tests} rung comparisons of this matrix (both tables). "
              "Verdict from p Holm (≥ 0.05: not distinguishable). Mean ± 95% t-interval over evaluation seeds.", ""]
-    sources = _sources([r for row in rows for r in row.runs])
     for (budget, matching) in dict.fromkeys((r.budget, r.matching) for r in rows):
         table = []
         for row in (r for r in rows if (r.budget, r.matching) == (budget, matching)):
             first = row.runs[0]
             shared = f" (= {first.shared_with.split('-flops')[0]})" if first.shared_with else ""
-            table.append({"rung": row.label + shared, "vs": row.vs or "-", **_summary_columns(store, row.runs, sources),
+            table.append({"rung": row.label + shared, "vs": row.vs or "-", **_summary_columns(store, row.runs),
                           **stat_columns(row), "params": human(first.params), "non-emb": human(first.non_embedding_params),
                           "FLOPs/token": human(first.flops_per_token),
                           "tokens/s": f"{_mean([r.tokens_per_s for r in row.runs]):,.0f}"})
         lines += [f"### {matrix} — {budget} ({matching})", "", pd.DataFrame(table).to_markdown(index=False), ""]
     return lines, rows
+
+
+# ------------------------------------------------------------------------------------------- by source
+def by_source_section(store: Store, matrix: str) -> list[str]:
+    """Final validation loss and bits per byte of every entry and budget, per source of the data mix (mean ±
+    95% t-interval over evaluation seeds), with the tokens of each source that were scored."""
+    runs = [r for r in store.main(matrix) if r.val_sources]
+    sources = _sources(runs)
+    if not runs or not sources:
+        return []
+    table = []
+    for (bi, entry, label), rs in sorted(_groups(runs, "budget_index", "entry_index", "label").items()):
+        row = {"entry": label, "budget": rs[0].budget_label, "seeds": len(rs)}
+        for s in sources:
+            loss = stats.mean_ci([r.val_sources.get(s, {}).get("loss") for r in rs])
+            bpb = stats.mean_ci([r.val_sources.get(s, {}).get("bpb") for r in rs])
+            row[f"{s} loss"] = stats.fmt_ci(*loss)
+            row[f"{s} bits/byte"] = stats.fmt_ci(*bpb, 3)
+            row[f"{s} tokens"] = human(rs[0].val_sources.get(s, {}).get("tokens"))
+        table.append(row)
+    return ["## Validation by source", "",
+            "The whole validation split of every evaluation run, split by the corpus each scored token belongs to "
+            "(mean ± 95% t-interval over evaluation seeds).", "", f"### {matrix}", "",
+            pd.DataFrame(table).to_markdown(index=False), ""]
 
 
 # ------------------------------------------------------------------------------------------------ lr sweeps

@@ -101,6 +101,7 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Path:
             plots.growth(curves[(curves["matrix"] == matrix) & (curves["phase"] == "main")], out_dir / name)
             lines += section + [f"![validation loss against cumulative FLOPs]({name})", ""]
         verdicts += tables.verdict_records(rows)
+        lines += tables.by_source_section(store, matrix)
         section = tables.sweep_section(store, matrix)
         if section:
             name = plot_name(matrix, plots.SWEEP_PLOT)

@@ -279,3 +279,21 @@ def test_matched_compute_table_verdicts(tmp_path):
 def test_every_shipped_matrix_expands(name):
     m = load_matrix(name)
     assert m.cells and len({c.cell_id for c in m.cells}) == len(m.cells)
+
+
+def test_validation_by_source_table(tmp_path):
+    """Per-source loss over two seeds, by hand: 1.0 and 2.0 have mean 1.5, sd 0.7071, sem 0.5; the 97.5% t
+    quantile for 1 df is 12.7062, so the interval is ± 6.3531."""
+    for seed, (kjv, play) in enumerate([(1.0, 3.0), (2.0, 3.0)]):
+        _rec(tmp_path, "tokenformer/tiny", seed, 2.0, model="tokenformer",
+             val_sources={"kjv": {"loss": kjv, "bpb": kjv / math.log(2), "tokens": 170},
+                          "shakespeare": {"loss": play, "bpb": play / math.log(2), "tokens": 121}})
+    text = write_report(tmp_path).read_text()
+    section = text.split("## Validation by source")[1].split("\n## ")[0]
+    row = next(l for l in section.splitlines() if l.startswith("| tokenformer/tiny"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    header = [c.strip() for c in next(l for l in section.splitlines() if l.startswith("| entry")).strip("|").split("|")]
+    got = dict(zip(header, cells))
+    assert got["kjv loss"] == "1.5000 ± 6.3531" and got["shakespeare loss"] == "3.0000 ± 0.0000"
+    assert got["kjv tokens"] == "170" and got["shakespeare tokens"] == "121"
+    assert got["kjv bits/byte"].startswith(f"{1.5 / math.log(2):.3f} ± ")
