@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from .. import stats
 from .load import Store
+
+
+def _t_interval(values) -> tuple[float, float]:
+    """The tables' 95% t-interval over seeds, for seaborn's errorbar (not its bootstrap, meaningless on 3 seeds)."""
+    mean, half = stats.mean_ci(list(values))
+    half = 0.0 if not math.isfinite(half) else half
+    return mean - half, mean + half
 
 LOSS_PLOT = "val_loss_vs_flops.png"
 FRONTIER_PLOT = "frontier.png"
@@ -35,15 +43,14 @@ def loss_vs_flops(store: Store, path: Path) -> list[str]:
     if curves.empty:
         return []
     plt, sns = _plt()
-    labels = curves["label"].nunique()
-    fig, ax = plt.subplots(figsize=(9 if labels > 6 else 7.5, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     style = "budget" if curves["budget"].nunique() > 1 else None
-    sns.lineplot(data=curves, x="flops", y="val_loss", hue="label", style=style, errorbar=("ci", 95), ax=ax)
+    sns.lineplot(data=curves, x="flops", y="val_loss", hue="label", style=style, errorbar=_t_interval, ax=ax)
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("Validation loss against training compute")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, never over them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -69,10 +76,10 @@ def waterfall(df: pd.DataFrame, path: Path) -> None:
     plt, sns = _plt()
     order = df.sort_values("entry_index")["label"].drop_duplicates().tolist()
     fig, ax = plt.subplots(figsize=(10, 0.6 * len(order) + 1.8))
-    sns.pointplot(data=df, y="label", x="val_loss", hue="matching", order=order, errorbar=("ci", 95),
+    sns.pointplot(data=df, y="label", x="val_loss", hue="matching", order=order, errorbar=_t_interval,
                   linestyle="none", dodge=0.3 if df["matching"].nunique() > 1 else False, ax=ax)
     ax.set_ylabel("")
-    ax.set_xlabel("validation loss, whole split (mean, 95% CI over seeds)")
+    ax.set_xlabel("validation loss, whole split (mean, 95% t-interval over seeds)")
     ax.set_title("Transformer++ to Tokenformer, one component at a time", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -116,8 +123,12 @@ def lr_sweeps(choice: dict, path: Path) -> bool:
     g = sns.relplot(data=df, x="lr", y="val_loss", hue="budget", col="entry", col_wrap=min(4, n), kind="line",
                     marker="o", height=2.6, aspect=1.2, facet_kws={"sharey": False, "sharex": True})
     marks = pd.DataFrame(chosen)
+    ticks = sorted(df["lr"].unique())
     for entry, ax in g.axes_dict.items():
         ax.set_xscale("log")
+        ax.minorticks_off()  # the swept rates are the ticks; log minor labels would collide
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:.2g}" for t in ticks], rotation=45, fontsize=7)
         ax.set_title(entry, fontsize=8)
         m = marks[marks["entry"] == entry] if not marks.empty else marks
         if not m.empty:
