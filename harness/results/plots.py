@@ -45,7 +45,9 @@ def loss_vs_flops(store: Store, path: Path) -> list[str]:
     plt, sns = _plt()
     fig, ax = plt.subplots(figsize=(10, 5))
     style = "budget" if curves["budget"].nunique() > 1 else None
-    sns.lineplot(data=curves, x="flops", y="val_loss", hue="label", style=style, errorbar=_t_interval, ax=ax)
+    # markers: a short run has one or two validation points, which a bare line would not show
+    sns.lineplot(data=curves, x="flops", y="val_loss", hue="label", style=style, errorbar=_t_interval, marker="o",
+                 markersize=4, ax=ax)
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("validation loss (nats/token)")
