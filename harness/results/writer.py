@@ -2,7 +2,6 @@
 ``harness run``)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
