@@ -45,6 +45,7 @@ from models import registry, ssm_ops
 from models.components import CausalSelfAttention
 
 from . import store
+from .train.validate import autocast  # the training loop's own: bench times what the loop runs
 
 DEFAULT_MODELS = ("tokenformer", "transformer_pp", "mamba", "gpt2")
 DEFAULT_PRESETS = ("tiny",)
@@ -233,15 +234,8 @@ def make_spec(model=None, preset=None, seq_len=None, batch_size=None, decode_bat
 
 
 # ==========================================================================================================
-# Fast paths: autocast, SDPA backend selection, compile
+# Fast paths: SDPA backend selection, compile (autocast is the training loop's, imported above)
 # ==========================================================================================================
-def autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    """bf16 autocast (the training fast path on CUDA) or nothing (fp32)."""
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
 def _sdpa_kernel(backends: list, priority: bool):
     from torch.nn.attention import sdpa_kernel
     if priority and "set_priority" in inspect.signature(sdpa_kernel).parameters:

@@ -20,6 +20,7 @@ from .distributed import DistInfo, all_reduce_sum
 
 
 def autocast(device, amp_dtype):
+    """bf16 autocast (the training fast path on CUDA) or nothing (fp32); the loop, validation and bench share it."""
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
