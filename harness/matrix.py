@@ -343,14 +343,12 @@ def choose_lrs(matrix: Matrix, root: Path) -> dict[str, dict[str, Any]]:
             curve = curves.get((entry.label, bi))
             if not curve:
                 continue
+            kept = {"source": "sweep", "budget": _budget_label(matrix, bi),
+                    "curve": {f"{lr:.6g}": p for lr, p in curve.items()}}
             try:
-                pick = _sweep.choose({lr: p["val_loss"] for lr, p in curve.items()}, spec)
+                per_budget[str(bi)] = {**_sweep.choose({lr: p["val_loss"] for lr, p in curve.items()}, spec), **kept}
             except ValueError as e:
-                per_budget[str(bi)] = {"lr": None, "status": "failed", "error": str(e), "source": "sweep",
-                                       "curve": {f"{lr:.6g}": p for lr, p in curve.items()}}
-                continue
-            per_budget[str(bi)] = {**pick, "source": "sweep", "budget": _budget_label(matrix, bi),
-                                   "curve": {f"{lr:.6g}": p for lr, p in curve.items()}}
+                per_budget[str(bi)] = {"lr": None, "status": "failed", "error": str(e), **kept}
         if spec.budgets is not None:
             points = [(_budget_compute(matrix, bi), per_budget[str(bi)]["lr"]) for bi in spec.budgets
                       if per_budget.get(str(bi), {}).get("lr")]
