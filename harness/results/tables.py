@@ -147,7 +147,7 @@ def matched_compute_section(store: Store, matrix: str) -> tuple[list[str], list[
              "seed; p paired: paired t-test over seeds (seeds share the data order across models); p Welch: "
              f"unpaired, for comparison; p Holm: Holm-Bonferroni over the family of all {n_tests} comparisons of "
              f"this matrix (every budget). Verdict from p Holm: \"not distinguishable\" where it is ≥ 0.05. "
-             "Bits/byte: whole validation split, overall and per source.", ""]
+             "Loss and bits/byte: whole validation split; per source in 'Validation by source'.", ""]
     for budget in dict.fromkeys(r.budget for r in rows):
         group = [r for r in rows if r.budget == budget]
         ref = next((r.label for r in group if r.vs is None), "-")
