@@ -20,7 +20,33 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n:.0f}{unit}"
 
 
+def cmd_ladder(args) -> int:
+    from models import ladder
+    rungs = ladder.ladder(args.ladder, args.scale)
+    if args.format == "json":
+        print(json.dumps([r.to_dict() for r in rungs], indent=1))
+        return 0
+    sc = ladder.get_scale(args.scale)
+    header = ["rung", "layers", "width", "params", "non-emb", "FLOPs/token"]
+    table = [header] + [[r.name, str(r.n_layers), str(r.width), _human(r.params), _human(r.non_embedding),
+                         _human(r.flops_per_token)] for r in rungs]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    print(f"{args.ladder} ladder, {sc.description}: preset {sc.base[args.ladder]} + the family's shape rule "
+          f"(d/L = {sc.aspect}{', mamba depth x2' if args.ladder.startswith('mamba') else ''}, head dim "
+          f"{sc.head_dim})")
+    for i, row in enumerate(table):
+        print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    span = rungs[-1].non_embedding / rungs[0].non_embedding
+    print(f"\n{len(rungs)} rungs spanning {span:.0f}x in non-embedding parameters; FLOPs/token: training, at "
+          f"context {sc.seq_len}.")
+    return 0
+
+
 def cmd_models(args) -> int:
+    if args.ladder:
+        return cmd_ladder(args)
     names = args.model or registry.names()
     for name in names:
         registry.get(name)  # unknown model: UnknownModelError naming the valid ones
@@ -107,7 +133,8 @@ def cmd_run(args) -> int:
         return 0
     root = args.out or store.DEFAULT_ROOT
     print(f"matrix {matrix.name}: {len(matrix.cells)} cell(s) from {matrix.source} -> {root}/{matrix.name}")
-    records = run_matrix(matrix, root, force=args.force, nproc=args.nproc)
+    only = [x for item in args.only or [] for x in item.split(",") if x]
+    records = run_matrix(matrix, root, force=args.force, nproc=args.nproc, only=only or None)
     report = write_report(f"{root}/{matrix.name}")
     print()
     print(report.read_text().split("\n![")[0])
@@ -185,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", help="only this preset")
     m.add_argument("--seq-len", type=int, default=None, help="quote FLOPs at this context (default: each preset's)")
     m.add_argument("--format", choices=["table", "json"], default="table")
+    m.add_argument("--ladder", metavar="NAME", help="print this architecture's size ladder (its width/depth rule)")
+    m.add_argument("--scale", default="cpu", help="the ladder's scale: cpu (byte-level, vocab 512) or gpu "
+                   "(GPT-NeoX tokenizer, context 2048)")
     m.set_defaults(func=cmd_models)
 
     t = sub.add_parser("train", help="train one model (the loop every matrix cell uses)")
@@ -213,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="retrain cells that are already complete")
     r.add_argument("--list", action="store_true", help="list the cells and exit")
     r.add_argument("--nproc", type=int, default=1, help="data-parallel ranks per cell (launches torchrun)")
+    r.add_argument("--only", action="append", metavar="LABEL", help="frontier matrices: train only this model "
+                   "entry (repeatable); runners with disjoint --only share one matrix directory")
     r.set_defaults(func=cmd_run)
 
     rep = sub.add_parser("report", help="write report.md and plots from a results directory")

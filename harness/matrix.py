@@ -19,6 +19,10 @@ A matrix file (YAML):
       center: 3e-3                # a geometric grid (ratio 2, 5 points by default) that extends itself past
       bounds: [1e-4, 1e-1]        # an end holding the optimum until it is interior or a bound stops it;
       seeds: [1000]               # sweep seeds, disjoint from seeds; an entry that sets optim.lr is not swept
+    frontier:                     # optional: IsoFLOP profiles -- each entry at the ladder sizes nearest its
+      ladder: cpu                 # predicted compute-optimal size at every budget (see harness.frontier);
+      budgets: [{flops: 1e11}, {flops: 3.2e11}]   # replaces budgets; entries name a model, never a preset
+      sizes_per_budget: 3
 
 Every cell is resolved and validated before the first one trains, so a bad matrix changes nothing on disk.
 """
@@ -38,12 +42,14 @@ from typing import Any
 
 from models import registry
 
+from . import frontier as _frontier
 from . import store
 from . import sweep as _sweep
 from .sweep import SweepSpec
 from .config import BudgetConfig, ConfigError, TrainConfig, from_dict, load_yaml, merge
 
-TOP_LEVEL = ("name", "description", "matching", "defaults", "models", "budgets", "seeds", "lr_sweep", "waterfall")
+TOP_LEVEL = ("name", "description", "matching", "defaults", "models", "budgets", "seeds", "lr_sweep", "waterfall",
+             "frontier")
 MATCHING = ("none", "iso_flop", "iso_tokens", "iso_params")
 ISO_PARAMS_TOLERANCE = 0.10  # presets count as matched when non-embedding params are within 10%
 LR_CHOICE = "lr_choice.json"
@@ -63,6 +69,8 @@ class Cell:
     compare_to: str | None = None   # the label this entry is compared with in a waterfall (default: previous)
     grow: dict[str, Any] | None = None  # growth stage: {"from": label, method, init, optimizer, schedule}
     reference: bool = False         # the from-scratch reference of a growth-cost table
+    arch: str = ""                  # the model entry (a frontier rung's label is "<arch>@<rung>")
+    rung: dict[str, Any] | None = None  # a frontier cell's ladder rung (models.ladder.Rung.to_dict())
 
     @property
     def config_hash(self) -> str:
@@ -87,6 +95,9 @@ class Entry:
     reference: bool
     own_budget: bool                # an entry with its own budget (a growth stage) ignores the budgets list
     tuned: bool                     # its peak LR comes from the sweep
+    frontier: bool = False          # a frontier entry: its cells are rungs of its ladder (derived entries)
+    arch: str | None = None         # a derived entry: the frontier entry it is a rung of
+    rung: dict[str, Any] | None = None
 
 
 @dataclass
@@ -101,6 +112,8 @@ class Matrix:
     defaults: dict[str, Any] = field(default_factory=dict)
     budgets: list[Any] = field(default_factory=list)
     sweep: SweepSpec | None = None
+    frontier: "_frontier.FrontierSpec | None" = None
+    seeds: list[int] = field(default_factory=list)
 
     @property
     def sweep_cells(self) -> list[Cell]:
@@ -132,7 +145,7 @@ class Matrix:
         return Cell(matrix=self.name, cell_id=cell_id, config=cfg, label=entry.label, phase=phase,
                     matching=entry.matching, budget_index=bi, lr_from_sweep=phase == "main" and entry.tuned,
                     entry_index=entry.index, compare_to=entry.compare_to, grow=entry.grow,
-                    reference=entry.reference)
+                    reference=entry.reference, arch=entry.arch or entry.label, rung=entry.rung)
 
     def add_cell(self, cell: Cell) -> Cell:
         if any(c.cell_id == cell.cell_id for c in self.cells):
@@ -187,7 +200,12 @@ def expand(raw: dict[str, Any], source: str = "<dict>", overrides: dict[str, Any
     models = raw.get("models")
     if not isinstance(models, list) or not models:
         raise ConfigError(f"{source}: models must be a non-empty list")
+    frontier = _frontier.parse(raw["frontier"], source) if raw.get("frontier") is not None else None
     budgets = raw.get("budgets")
+    if frontier is not None:
+        if budgets is not None:
+            raise ConfigError(f"{source}: budgets: a frontier matrix takes its budgets from frontier.budgets")
+        budgets = frontier.budgets
     if budgets is None:
         budgets = [defaults.get("budget")] if defaults.get("budget") else [None]
     if not isinstance(budgets, list) or not budgets:
@@ -198,10 +216,12 @@ def expand(raw: dict[str, Any], source: str = "<dict>", overrides: dict[str, Any
     if not isinstance(waterfall, bool):
         raise ConfigError(f"{source}: waterfall must be true or false")
     matrix = Matrix(name, str(raw.get("description", "")), [], source, matching, waterfall, [], defaults, budgets,
-                    sweep)
+                    sweep, frontier, seeds)
     for mi, item in enumerate(models):
         entry = _entry(mi, item, matrix)
         matrix.entries.append(entry)
+        if entry.frontier:
+            continue  # its cells are its ladder's rungs (below)
         if entry.tuned:
             for bi in sweep.swept(len(budgets)):
                 for lr in sweep.grid:
@@ -210,6 +230,9 @@ def expand(raw: dict[str, Any], source: str = "<dict>", overrides: dict[str, Any
         for bi in range(1 if entry.own_budget else len(budgets)):
             for seed in seeds:
                 matrix.add_cell(matrix.make_cell(entry, "main", bi, seed))
+    if frontier is not None:
+        _frontier.check_entries(matrix)
+        _frontier.expand_prior(matrix)
     if sweep is not None and sweep.budgets is not None:
         _check_fit_budgets(matrix)
     iso_params = [c for c in matrix.cells if c.matching == "iso_params"]
@@ -223,8 +246,8 @@ def _entry(mi: int, item: Any, matrix: Matrix) -> Entry:
     if not isinstance(item, dict) or "model" not in item:
         raise ConfigError(f"{source}: models[{mi}] must be a mapping with a 'model' key")
     settings = dict(item)
-    label = settings.pop("label", None) or \
-        f"{settings['model']}/{settings.get('preset', matrix.defaults.get('preset', 'tiny'))}"
+    label = settings.pop("label", None) or (settings["model"] if matrix.frontier is not None else
+                                            f"{settings['model']}/{settings.get('preset', matrix.defaults.get('preset', 'tiny'))}")
     if label in labels:
         raise ConfigError(f"{source}: models[{mi}]: two entries are both labelled {label!r}; add label: ...")
     entry_matching = settings.pop("matching", matrix.matching)
@@ -247,7 +270,8 @@ def _entry(mi: int, item: Any, matrix: Matrix) -> Entry:
                               f"earlier entry ({', '.join(labels) or 'none'})")
         grow = {"optimizer": "fresh", "schedule": "restart", **grow}
     tuned = matrix.sweep is not None and "lr" not in (settings.get("optim") or {}) and grow is None
-    return Entry(mi, label, settings, entry_matching, compare_to, grow, bool(reference), "budget" in settings, tuned)
+    return Entry(mi, label, settings, entry_matching, compare_to, grow, bool(reference), "budget" in settings, tuned,
+                 frontier=matrix.frontier is not None)
 
 
 def _check_fit_budgets(matrix: Matrix) -> None:
@@ -349,7 +373,7 @@ def choose_lrs(matrix: Matrix, root: Path) -> dict[str, dict[str, Any]]:
                 per_budget[str(bi)] = {**_sweep.choose({lr: p["val_loss"] for lr, p in curve.items()}, spec), **kept}
             except ValueError as e:
                 per_budget[str(bi)] = {"lr": None, "status": "failed", "error": str(e), **kept}
-        if spec.budgets is not None:
+        if spec.budgets is not None and matrix.frontier is None:
             points = [(_budget_compute(matrix, bi), per_budget[str(bi)]["lr"]) for bi in spec.budgets
                       if per_budget.get(str(bi), {}).get("lr")]
             if len(points) >= 2:
@@ -361,8 +385,38 @@ def choose_lrs(matrix: Matrix, root: Path) -> dict[str, dict[str, Any]]:
                                                "source": "power_law", "budget": _budget_label(matrix, bi),
                                                "fit": fit}
         choice[entry.label] = per_budget
+    if matrix.frontier is not None:
+        _lr_surface(matrix, choice)
+        # several runners (harness run --only) may share one matrix: each merges its own labels
+        return store.update_json_locked(Path(root) / matrix.name / LR_CHOICE, lambda old: {**old, **choice})
     store.write_json_atomic(Path(root) / matrix.name / LR_CHOICE, choice)
     return choice
+
+
+def _lr_surface(matrix: Matrix, choice: dict[str, dict[str, Any]]) -> None:
+    """Frontier matrices: every (rung, budget) not swept takes lr*(N, C) = a·N^b·C^c fitted per architecture
+    to the swept optima of all its rungs (a rung first trained at an unswept budget has no sweep of its own)."""
+    spec = matrix.sweep
+    swept = set(spec.swept(len(matrix.budgets)))
+    by_arch: dict[str, list] = {}
+    for e in matrix.entries:
+        if e.tuned and e.rung is not None:
+            by_arch.setdefault(e.arch, []).append(e)
+    for arch, entries in by_arch.items():
+        points = [(e.rung["params"], _budget_compute(matrix, int(k)), p["lr"])
+                  for e in entries for k, p in choice.get(e.label, {}).items()
+                  if p.get("source") == "sweep" and p.get("lr") and p.get("status") != "extending"]
+        if not points:
+            continue
+        fit = _sweep.fit_lr_surface(points)
+        for e in entries:
+            per_budget = choice.setdefault(e.label, {})
+            for bi in range(len(matrix.budgets)):
+                if bi in swept:
+                    continue
+                lr, clipped = _sweep.predict_surface(fit, e.rung["params"], _budget_compute(matrix, bi), spec.bounds)
+                per_budget[str(bi)] = {"lr": lr, "status": "at_bound" if clipped else "interpolated",
+                                       "source": "lr_surface", "budget": _budget_label(matrix, bi), "fit": fit}
 
 
 def _budget_label(matrix: Matrix, bi: int) -> str:
@@ -370,9 +424,10 @@ def _budget_label(matrix: Matrix, bi: int) -> str:
     return BudgetConfig(**b).label() if isinstance(b, dict) else str(b)
 
 
-def extend_sweep(matrix: Matrix, choice: dict[str, dict[str, Any]]) -> list[Cell]:
+def extend_sweep(matrix: Matrix, choice: dict[str, dict[str, Any]], where=None) -> list[Cell]:
     """The next round of a self-extending sweep: for every (entry, budget) whose best rate is at an end of
-    what has run, one more point beyond it (every sweep seed). Returns the new cells (also added to matrix)."""
+    what has run, one more point beyond it (every sweep seed); ``where(label, budget_index)`` restricts it.
+    Returns the new cells (also added to matrix)."""
     new = []
     have = {(c.label, c.budget_index, round(math.log(c.config.optim.lr), 9)) for c in matrix.sweep_cells}
     for entry in (e for e in matrix.entries if e.tuned):
@@ -381,6 +436,8 @@ def extend_sweep(matrix: Matrix, choice: dict[str, dict[str, Any]]) -> list[Cell
             if pick.get("source") != "sweep" or nxt is None:
                 continue
             bi = int(key)
+            if where is not None and not where(entry.label, bi):
+                continue
             if (entry.label, bi, round(math.log(nxt), 9)) in have:
                 continue
             for seed in matrix.sweep.seeds:
@@ -388,8 +445,8 @@ def extend_sweep(matrix: Matrix, choice: dict[str, dict[str, Any]]) -> list[Cell
     return new
 
 
-def apply_lr_choice(matrix: Matrix, choice: dict[str, dict[str, Any]]) -> None:
-    for cell in matrix.main_cells:
+def apply_lr_choice(matrix: Matrix, choice: dict[str, dict[str, Any]], cells: list[Cell] | None = None) -> None:
+    for cell in (matrix.main_cells if cells is None else [c for c in cells if c.phase == "main"]):
         if cell.lr_from_sweep:
             pick = choice.get(cell.label, {}).get(str(cell.budget_index)) or {}
             if not pick.get("lr"):
@@ -403,12 +460,17 @@ MAX_SWEEP_ROUNDS = 50  # a bound on extension rounds (the bounds in the matrix e
 
 
 def run_matrix(matrix: Matrix, root: str | Path = store.DEFAULT_ROOT, force: bool = False,
-               log=print, nproc: int = 1) -> list[dict[str, Any]]:
+               log=print, nproc: int = 1, only: list[str] | None = None) -> list[dict[str, Any]]:
     """Train every cell not already complete; returns the records (complete, resumed, or failed).
     With an lr_sweep the sweep cells train first, in rounds that extend the grid wherever its best point is at
     an end, and each (entry, budget) gets its own chosen rate. ``nproc`` > 1 trains each cell data-parallel
     under torchrun."""
     root = Path(root)
+    if matrix.frontier is not None:
+        return _frontier.run_frontier(matrix, root, force, log, nproc, _run_cells, choose_lrs, only,
+                                      _train_tokens(matrix))
+    if only:
+        raise ConfigError(f"--only: {matrix.name} is not a frontier matrix (its cells run in one order)")
     records = []
     if matrix.sweep is not None and matrix.sweep_cells:
         todo, forced = matrix.sweep_cells, force
@@ -428,6 +490,16 @@ def run_matrix(matrix: Matrix, root: str | Path = store.DEFAULT_ROOT, force: boo
         apply_lr_choice(matrix, choice)
     records += _run_cells(matrix, matrix.main_cells, root, force, log, nproc, "main")
     return records
+
+
+def _train_tokens(matrix: Matrix) -> float | None:
+    """Tokens in the train split the matrix reads (the frontier's epoch limit), or None without a limit."""
+    if matrix.frontier is None or matrix.frontier.max_epochs is None:
+        return None
+    from .data import prepare_dataset
+    cfg = _resolve(merge(matrix.defaults, {"model": matrix.entries[0].settings["model"]}), matrix.source)
+    ds = prepare_dataset(cfg.data, progress=False)
+    return float(ds.meta["train"]["n_tokens"])
 
 
 GROWN_DIR = "grown_init"
@@ -572,7 +644,8 @@ def _identity(matrix: Matrix, cell: Cell) -> dict[str, Any]:
             "budget_index": cell.budget_index, "seed": cell.config.seed, "lr": cell.config.optim.lr,
             "lr_from_sweep": cell.lr_from_sweep, "entry_index": cell.entry_index, "compare_to": cell.compare_to,
             "waterfall": matrix.waterfall, "grow": cell.grow, "reference": cell.reference,
-            "budget": asdict(cell.config.budget), "budget_label": cell.config.budget.label()}
+            "budget": asdict(cell.config.budget), "budget_label": cell.config.budget.label(),
+            "arch": cell.arch or cell.label, "rung": cell.rung}
 
 
 def _share(matrix: Matrix, twin: Cell, cell: Cell, root: Path) -> dict[str, Any]:

@@ -40,6 +40,25 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str))
 
 
+def update_json_locked(path: Path, update) -> Any:
+    """Read-modify-write of a JSON file shared by several runners of one matrix (``harness run --only``):
+    ``update(old) -> new`` runs under an exclusive lock on ``<path>.lock``, so one runner's keys never clobber
+    another's. Returns the new object."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            old = json.loads(path.read_text()) if path.is_file() else {}
+            new = update(old)
+            write_json_atomic(path, new)
+            return new
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def cell_dir(root: Path, matrix: str, cell_id: str) -> Path:
     return Path(root) / matrix / cell_id
 

@@ -169,3 +169,34 @@ def predict(fit: dict[str, Any], compute: float, bounds: tuple[float, float]) ->
     lr = fit["a"] * compute ** fit["b"]
     clipped = min(max(lr, bounds[0]), bounds[1])
     return clipped, clipped != lr
+
+
+def fit_lr_surface(points: Sequence[tuple[float, float, float]]) -> dict[str, Any]:
+    """Least-squares fit of log lr = log a + b·log N + c·log C over ``(N, C, lr)`` sweep optima (one
+    architecture, several sizes and budgets). A factor with one value among the points (or too few points to
+    fit it) is left out, its exponent 0: with one point the fit is that point's rate."""
+    import numpy as np
+    n = np.log([p[0] for p in points])
+    c = np.log([p[1] for p in points])
+    y = np.log([p[2] for p in points])
+    cols, names = [np.ones_like(y)], ["log_a"]
+    for name, x in (("b_params", n), ("c_compute", c)):
+        if np.ptp(x) > 1e-9 and len(points) > len(cols):
+            cols.append(x)
+            names.append(name)
+    coef, *_ = np.linalg.lstsq(np.stack(cols, 1), y, rcond=None)
+    fit = dict(zip(names, (float(v) for v in coef)))
+    out = {"a": math.exp(fit["log_a"]), "b_params": fit.get("b_params", 0.0), "c_compute": fit.get("c_compute", 0.0)}
+    out["points"] = [{"params": float(p[0]), "compute": float(p[1]), "lr": float(p[2]),
+                      "fit": out["a"] * p[0] ** out["b_params"] * p[1] ** out["c_compute"]} for p in points]
+    for row in out["points"]:
+        row["residual_log10"] = math.log10(row["lr"] / row["fit"])
+    return out
+
+
+def predict_surface(fit: dict[str, Any], params: float, compute: float,
+                    bounds: tuple[float, float]) -> tuple[float, bool]:
+    """a·N^b·C^c, clipped to the bounds; (rate, whether it was clipped)."""
+    lr = fit["a"] * params ** fit["b_params"] * compute ** fit["c_compute"]
+    clipped = min(max(lr, bounds[0]), bounds[1])
+    return clipped, clipped != lr
