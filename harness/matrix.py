@@ -361,7 +361,7 @@ def choose_lrs(matrix: Matrix, root: Path) -> dict[str, dict[str, Any]]:
     curves = _sweep_curves(matrix, root)
     spec = matrix.sweep
     choice: dict[str, dict[str, Any]] = {}
-    for entry in (e for e in matrix.entries if e.tuned):
+    for entry in (e for e in matrix.entries if e.tuned and not e.frontier):
         per_budget: dict[str, Any] = {}
         for bi in spec.swept(len(matrix.budgets)):
             curve = curves.get((entry.label, bi))
@@ -430,7 +430,7 @@ def extend_sweep(matrix: Matrix, choice: dict[str, dict[str, Any]], where=None) 
     Returns the new cells (also added to matrix)."""
     new = []
     have = {(c.label, c.budget_index, round(math.log(c.config.optim.lr), 9)) for c in matrix.sweep_cells}
-    for entry in (e for e in matrix.entries if e.tuned):
+    for entry in (e for e in matrix.entries if e.tuned and not e.frontier):
         for key, pick in choice.get(entry.label, {}).items():
             nxt = pick.get("next")
             if pick.get("source") != "sweep" or nxt is None:

@@ -61,7 +61,8 @@ def _loss_curve(c, E, A, alpha):
     return E + A * np.power(c, -alpha)
 
 
-def fit_loss_curve(compute: Sequence[float], loss: Sequence[float]) -> dict[str, float]:
+def fit_loss_curve(compute: Sequence[float], loss: Sequence[float],
+                   start: dict[str, float] | None = None) -> dict[str, float]:
     """L*(C) = E + A·C^(-alpha) through per-budget minima (at least 3 budgets), least squares in loss.
 
     The fit works in C / C_0 (C_0 the smallest budget) so A is O(loss); alpha in (0, 3], E in [0, min loss).
@@ -75,19 +76,25 @@ def fit_loss_curve(compute: Sequence[float], loss: Sequence[float]) -> dict[str,
     x = c / c0
     lo = float(y.min())
     best = None
-    for alpha0 in (0.05, 0.2, 0.5):  # several starts: the loss surface in alpha is flat-bottomed
-        for e_frac in (0.0, 0.5, 0.9):
-            p0 = (e_frac * lo, max(y.max() - e_frac * lo, 1e-6), alpha0)
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    p, _ = curve_fit(_loss_curve, x, y, p0=p0, bounds=([0, 0, 1e-4], [lo, np.inf, 3.0]),
-                                     maxfev=20000)
-            except (RuntimeError, ValueError):
-                continue
-            sse = float(np.sum((_loss_curve(x, *p) - y) ** 2))
-            if best is None or sse < best[1]:
-                best = (p, sse)
+    if start is not None:  # a bootstrap replicate starts from the point estimate (one start, then the grid)
+        starts = [(min(start["E"], 0.999 * lo), start["A"] / c0 ** start["alpha"], start["alpha"])]
+    else:
+        starts = [(e_frac * lo, max(y.max() - e_frac * lo, 1e-6), alpha0)
+                  for alpha0 in (0.05, 0.2, 0.5) for e_frac in (0.0, 0.5, 0.9)]
+    # several starts: the loss surface in alpha is flat-bottomed
+    for p0 in starts:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                p, _ = curve_fit(_loss_curve, x, y, p0=p0, bounds=([0, 0, 1e-4], [lo, np.inf, 3.0]),
+                                 maxfev=20000)
+        except (RuntimeError, ValueError):
+            continue
+        sse = float(np.sum((_loss_curve(x, *p) - y) ** 2))
+        if best is None or sse < best[1]:
+            best = (p, sse)
+    if best is None and start is not None:
+        return fit_loss_curve(compute, loss)
     if best is None:
         raise ValueError("the fit of E + A·C^-alpha did not converge")
     E, A, alpha = (float(v) for v in best[0])
@@ -159,14 +166,15 @@ def _tokens_at(p: Profiles, c: float, n: float) -> float:
                                    np.log(n))))
 
 
-def fit_frontier(p: Profiles, seed_index=None, budgets: Sequence[float] | None = None) -> dict[str, Any]:
+def fit_frontier(p: Profiles, seed_index=None, budgets: Sequence[float] | None = None,
+                 start: dict[str, float] | None = None) -> dict[str, Any]:
     """Per-budget minima and the fits over budgets (each None when it cannot be made)."""
     minima = _minima(p, seed_index)
     cs = list(budgets) if budgets is not None else sorted(minima)
     out: dict[str, Any] = {"minima": minima, "loss_fit": None, "n_fit": None, "d_fit": None}
     cs_ok = [c for c in cs if c in minima]
     try:
-        out["loss_fit"] = fit_loss_curve(cs_ok, [minima[c]["l_opt"] for c in cs_ok])
+        out["loss_fit"] = fit_loss_curve(cs_ok, [minima[c]["l_opt"] for c in cs_ok], start)
     except ValueError:
         pass
     try:
@@ -217,7 +225,7 @@ def analyse(profiles: Sequence[Profiles], reference: str | None, iters: int = 10
         for a, p in by.items():
             draws_seed[a].append(_minima(p, seeds))
         seeds2, draw = _resample(profiles, rng, over_budgets=True)
-        fits = {a: fit_frontier(p, seeds2, draw) for a, p in by.items()}
+        fits = {a: fit_frontier(p, seeds2, draw, point[a]["loss_fit"]) for a, p in by.items()}
         for a in by:
             draws_all[a].append(fits[a])
         if reference in by:
