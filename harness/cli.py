@@ -151,7 +151,18 @@ def cmd_report(args) -> int:
         out = write_earlier_verdicts(root, args.snapshot_verdicts, args.description or f"Verdicts of {root}")
         print(f"verdicts: {out}")
         return 0
+    if args.readme:
+        from .results.frontier import check_readme
+        check_readme(Path(args.readme), Path(args.out or root).name)
     path = write_report(root, args.out)
+    if args.readme:
+        from .results.frontier import HEADLINE, update_readme
+        headline = path.parent / HEADLINE
+        if not headline.is_file():
+            from .config import ConfigError
+            raise ConfigError(f"{root}: no frontier headline to put in {args.readme} (not a frontier matrix)")
+        update_readme(Path(args.readme), path.parent.name, headline.read_text())
+        print(f"updated the {path.parent.name} block of {args.readme}")
     print(path.read_text().split("\n![")[0])
     print(f"report: {path}")
     return 0
@@ -254,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "report printed them (Welch, uncorrected) to FILE; a matrix directory holding FILE as "
                      "earlier_verdicts.json gets a table of the verdicts that changed")
     rep.add_argument("--description", help="with --snapshot-verdicts: what the snapshot is (revision, protocol)")
+    rep.add_argument("--readme", metavar="FILE", help="also put a frontier matrix's headline (the compute "
+                     "multiplier table) in FILE, between <!-- frontier:MATRIX --> and <!-- /frontier:MATRIX -->")
     rep.set_defaults(func=cmd_report)
 
     ev = sub.add_parser("eval", help="lm-eval tasks on a checkpoint (the paper's six zero-shot tasks by default)")

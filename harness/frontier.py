@@ -209,15 +209,51 @@ def rung_entry(matrix, entry, rung: _ladder.Rung):
     return derived
 
 
-def cells_for(matrix, entry, rung: _ladder.Rung, bi: int) -> list:
-    """The sweep (when budget ``bi`` is swept) and main cells of ``entry`` at ``rung`` and budget ``bi``,
-    added to the matrix once."""
+def sweep_grid(matrix, center: float | None) -> list[float]:
+    """The sweep grid of one (rung, budget): the matrix's grid shifted by whole steps of its ratio so that its
+    middle point is the one nearest ``center`` (None: the matrix's own grid), kept inside the bounds. Every
+    rate stays on one global geometric lattice, so cell ids are stable."""
+    spec = matrix.sweep
+    grid = list(spec.grid)
+    if center is None:
+        return grid
+    mid = grid[len(grid) // 2]
+    k = round(math.log(center / mid) / math.log(spec.ratio))
+    lo, hi = spec.bounds
+    while k > 0 and grid[-1] * spec.ratio ** k > hi * (1 + 1e-9):
+        k -= 1
+    while k < 0 and grid[0] * spec.ratio ** k < lo * (1 - 1e-9):
+        k += 1
+    return [g * spec.ratio ** k for g in grid]
+
+
+def sweep_center(matrix, choice: dict[str, Any], entry, rung: _ladder.Rung, bi: int) -> float | None:
+    """Where to centre the sweep of ``entry`` at ``rung`` and budget ``bi``: lr*(N, C) fitted to the optima
+    this architecture's rungs swept at the smaller budgets (none yet: the matrix's grid). Only smaller budgets:
+    they are complete before ``bi`` starts, so a resumed run centres every sweep where the first run did."""
+    from .sweep import fit_lr_surface
+    points = []
+    for e in matrix.entries:
+        if e.arch != entry.label or e.rung is None:
+            continue
+        for k, p in (choice.get(e.label) or {}).items():
+            if int(k) < bi and p.get("source") == "sweep" and p.get("lr") and p.get("status") != "extending":
+                points.append((e.rung["params"], matrix.budgets[int(k)]["flops"], p["lr"]))
+    if not points:
+        return None
+    fit = fit_lr_surface(points)
+    return fit["a"] * rung.params ** fit["b_params"] * matrix.budgets[bi]["flops"] ** fit["c_compute"]
+
+
+def cells_for(matrix, entry, rung: _ladder.Rung, bi: int, center: float | None = None) -> list:
+    """The sweep (when budget ``bi`` is swept; grid centred on ``center``) and main cells of ``entry`` at
+    ``rung`` and budget ``bi``, added to the matrix once."""
     derived = rung_entry(matrix, entry, rung)
     have = {c.cell_id: c for c in matrix.cells}
     out = []
     want = []
     if derived.tuned and bi in matrix.sweep.swept(len(matrix.budgets)):
-        want += [("sweep", seed, lr) for lr in matrix.sweep.grid for seed in matrix.sweep.seeds]
+        want += [("sweep", seed, lr) for lr in sweep_grid(matrix, center) for seed in matrix.sweep.seeds]
     want += [("main", seed, None) for seed in matrix.seeds]
     for phase, seed, lr in want:
         cell = matrix.make_cell(derived, phase, bi, seed, lr)
@@ -298,6 +334,8 @@ def run_frontier(matrix, root: Path, force: bool, log, nproc: int, run_cells, ch
     the matrix runner's own cell runner and LR chooser; returns every record."""
     spec = matrix.frontier
     records = []
+    # the prior expansion is what --list shows; the run plans its own cells (centred sweeps, extensions)
+    matrix.cells = [c for c in matrix.cells if c.rung is None]
     for entry in frontier_entries(matrix, only):
         rungs = entry_ladder(matrix, entry)
         for bi, b in enumerate(matrix.budgets):
@@ -309,8 +347,14 @@ def run_frontier(matrix, root: Path, force: bool, log, nproc: int, run_cells, ch
             decisions = []
             log(f"  {entry.label} @ {BudgetConfig(**b).label()}: N* ~ {n_star:.3g} ({why}) -> "
                 + ", ".join(r.name for r in chosen))
+            centers: dict[str, float | None] = {}
             for _ in range(MAX_EXTENSIONS + 1):
-                cells = [c for r in chosen for c in cells_for(matrix, entry, r, bi)]
+                if matrix.sweep is not None:
+                    choice = choose(matrix, root)
+                    for r in chosen:
+                        if r.name not in centers:  # fixed once per (rung, budget): later rounds extend it
+                            centers[r.name] = sweep_center(matrix, choice, entry, r, bi)
+                cells = [c for r in chosen for c in cells_for(matrix, entry, r, bi, centers.get(r.name))]
                 records += _train_budget(matrix, cells, root, force, log, nproc, run_cells, choose,
                                          f"{entry.label} {BudgetConfig(**b).label()}")
                 means = _mean_losses(matrix, root, entry, bi)

@@ -403,20 +403,31 @@ def _lr_surface(matrix: Matrix, choice: dict[str, dict[str, Any]]) -> None:
         if e.tuned and e.rung is not None:
             by_arch.setdefault(e.arch, []).append(e)
     for arch, entries in by_arch.items():
-        points = [(e.rung["params"], _budget_compute(matrix, int(k)), p["lr"])
-                  for e in entries for k, p in choice.get(e.label, {}).items()
-                  if p.get("source") == "sweep" and p.get("lr") and p.get("status") != "extending"]
+        optima = {e.label: [(_budget_compute(matrix, int(k)), p["lr"]) for k, p in choice.get(e.label, {}).items()
+                            if p.get("source") == "sweep" and p.get("lr") and p.get("status") != "extending"]
+                  for e in entries}
+        points = [(e.rung["params"], c, lr) for e in entries for c, lr in optima[e.label]]
         if not points:
             continue
-        fit = _sweep.fit_lr_surface(points)
+        surface = _sweep.fit_lr_surface(points)
         for e in entries:
             per_budget = choice.setdefault(e.label, {})
+            # a rung swept at two or more budgets extrapolates its own optima in C; one swept at fewer takes
+            # the architecture's surface over (N, C)
+            own = optima[e.label]
+            rung_fit = _sweep.fit_power_law(own) if len({c for c, _ in own}) >= 2 else None
             for bi in range(len(matrix.budgets)):
                 if bi in swept:
                     continue
-                lr, clipped = _sweep.predict_surface(fit, e.rung["params"], _budget_compute(matrix, bi), spec.bounds)
+                compute = _budget_compute(matrix, bi)
+                if rung_fit is not None:
+                    lr, clipped = _sweep.predict(rung_fit, compute, spec.bounds)
+                    source, fit = "power_law", rung_fit
+                else:
+                    lr, clipped = _sweep.predict_surface(surface, e.rung["params"], compute, spec.bounds)
+                    source, fit = "lr_surface", surface
                 per_budget[str(bi)] = {"lr": lr, "status": "at_bound" if clipped else "interpolated",
-                                       "source": "lr_surface", "budget": _budget_label(matrix, bi), "fit": fit}
+                                       "source": source, "budget": _budget_label(matrix, bi), "fit": fit}
 
 
 def _budget_label(matrix: Matrix, bi: int) -> str:

@@ -110,7 +110,8 @@ def compute_for_loss(fit: dict[str, float], loss: float) -> float:
     or below its asymptote E)."""
     if loss <= fit["E"]:
         return math.inf
-    return float(((loss - fit["E"]) / fit["A"]) ** (-1.0 / fit["alpha"]))
+    log_c = -math.log((loss - fit["E"]) / fit["A"]) / fit["alpha"]  # in logs: a flat fit overflows a power
+    return math.inf if log_c > 700 else math.exp(max(log_c, -700.0))
 
 
 def crossing(fit_a: dict[str, float], fit_b: dict[str, float], lo: float, hi: float) -> float | None:
@@ -198,10 +199,14 @@ def _resample(profiles: Sequence[Profiles], rng: np.random.Generator, over_budge
 
 
 def _interval(values: Sequence[float]) -> tuple[float, float] | None:
-    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], float)
+    """Percentile interval of the replicates (None and NaN dropped; +inf kept: "never reaches" is a result,
+    and dropping it would narrow the interval). None with fewer than 10 replicates."""
+    v = np.sort(np.asarray([x for x in values if x is not None and not np.isnan(x)], float))
     if len(v) < 10:
         return None
-    return float(np.quantile(v, (1 - CI) / 2)), float(np.quantile(v, 1 - (1 - CI) / 2))
+    lo = v[int(math.floor((1 - CI) / 2 * (len(v) - 1)))]
+    hi = v[int(math.ceil((1 - (1 - CI) / 2) * (len(v) - 1)))]
+    return float(lo), float(hi)
 
 
 def analyse(profiles: Sequence[Profiles], reference: str | None, iters: int = 1000, seed: int = 0,

@@ -124,6 +124,8 @@ def matched_compute_rows(store: Store, matrix: str, reference_model: str = REFER
     runs = store.main(matrix)
     if any(r.grow or r.reference for r in runs):
         return []  # a growth study: its comparisons are the growth-cost table's
+    if any(r.raw.get("rung") for r in runs):
+        return []  # a frontier matrix: its comparison is the compute-optimal frontier (results.frontier)
     runs = [r for r in runs if not r.waterfall]
     rows = []
     for (bi,), group in sorted(_groups(runs, "budget_index").items()):
@@ -232,9 +234,15 @@ def sweep_section(store: Store, matrix: str) -> list[str]:
              "sweep seed(s) only; the grid extends itself past whichever end holds the best point until it is "
              "interior or the matrix's bound stops it. 'at bound' marks a cell whose optimum may lie beyond the "
              "bound; 'power law' a budget whose rate is a·C^b fitted to the swept budgets' optima.", ""]
-    table, fits = [], {}
+    table, fits, surfaces = [], {}, {}
+    trained = {(r.label, r.budget_index) for r in store.runs if r.matrix == matrix and r.phase == "main"}
     for label, per_budget in choice.items():
         for key, pick in sorted(per_budget.items(), key=lambda kv: int(kv[0])):
+            if pick.get("source") in ("lr_surface", "power_law") and "@" in label:
+                if (label, int(key)) not in trained:
+                    continue  # a frontier rung never trained at this budget: its predicted rate was not used
+                if pick["source"] == "lr_surface":
+                    surfaces[label.split("@")[0]] = pick["fit"]
             curve = pick.get("curve") or {}
             points = ", ".join(f"{float(lr):.3g}: " + (f"{p['val_loss']:.4f}" if math.isfinite(p["val_loss"]) else "diverged")
                                for lr, p in sorted(curve.items(), key=lambda kv: float(kv[0])))
@@ -242,7 +250,7 @@ def sweep_section(store: Store, matrix: str) -> list[str]:
                           "chosen lr": f"{pick['lr']:.4g}" if pick.get("lr") else "-",
                           "status": pick.get("status", "-"), "points": str(len(curve)) if curve else "-",
                           "loss by lr": points or "-"})
-            if pick.get("fit"):
+            if pick.get("fit") and pick.get("source") == "power_law":
                 fits[label] = pick["fit"]
     lines += [pd.DataFrame(table).to_markdown(index=False), ""]
     at_bound = [f"{t['entry']} @ {t['budget']}" for t in table if t["status"] == "at_bound"]
@@ -253,6 +261,13 @@ def sweep_section(store: Store, matrix: str) -> list[str]:
                  "residual (log10)": f"{p['residual_log10']:+.3f}"} for p in fit["points"]]
         lines += [f"Power law for {label}: lr*(C) = {fit['a']:.4g}·C^{fit['b']:.4f}", "",
                   pd.DataFrame(rows).to_markdown(index=False), ""]
+    for arch, fit in surfaces.items():
+        rows = [{"params": human(p["params"]), "compute": f"{p['compute']:.3g}", "swept optimum": f"{p['lr']:.4g}",
+                 "fit": f"{p['fit']:.4g}", "residual (log10)": f"{p['residual_log10']:+.3f}"} for p in fit["points"]]
+        rms = math.sqrt(sum(p["residual_log10"] ** 2 for p in fit["points"]) / len(fit["points"]))
+        lines += [f"Rate surface for {arch} ('interpolated' above): lr*(N, C) = {fit['a']:.4g}·N^{fit['b_params']:.3f}"
+                  f"·C^{fit['c_compute']:.3f}, fitted to its {len(fit['points'])} swept optima (RMS residual "
+                  f"{rms:.3f} decades)", "", pd.DataFrame(rows).to_markdown(index=False), ""]
     return lines
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from .. import stats
 from .. import store as _store
-from . import plots, tables
+from . import frontier, plots, tables
 from .load import EARLIER_VERDICTS, Store, load
 
 VERDICTS = "verdicts.json"
@@ -84,6 +84,10 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Path:
                             out_dir / name)
             lines += section + [f"![validation loss per rung]({name})", ""]
         verdicts += tables.verdict_records(rows)
+        section, result = frontier.section(store, matrix, out_dir, plot_name)
+        if result is not None:
+            lines += section
+            frontier.write_headline(result, matrix, out_dir if not many else out_dir / matrix)
         section, rows = tables.matched_compute_section(store, matrix)
         if rows:
             lines += section

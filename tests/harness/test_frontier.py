@@ -117,16 +117,20 @@ def test_run_extends_each_budget_to_an_interior_minimum(tmp_path, monkeypatch):
             assert best in names and names.index(best) not in (0, len(names) - 1)
     # budgets 0 and 1 swept: the chosen rate is the grid point nearest lr*(N); budget 2 takes the surface fit
     choice = json.loads((tmp_path / "fr" / matrix_mod.LR_CHOICE).read_text())
-    for label, per_budget in choice.items():
+    trained = {(rec["label"], rec["budget_index"]): rec["lr"] for rec in
+               (json.loads(p.read_text()) for p in (tmp_path / "fr").glob("*/record.json")) if rec["phase"] == "main"}
+    assert {bi for _, bi in trained} == {0, 1, 2}
+    for (label, bi), lr in trained.items():
         arch, rung = label.split("@")
-        r = ladder.rung(arch, rung, "cpu")
-        lr_star = 0.01 * (r.params / 1e5) ** -0.5
-        for bi, pick in per_budget.items():
-            if pick.get("source") == "sweep":
-                assert abs(math.log(pick["lr"] / lr_star)) <= math.log(2) / 2 + 1e-9, (label, bi)
-            else:
-                assert pick["source"] == "lr_surface"
-                assert abs(math.log(pick["lr"] / lr_star)) < math.log(2), (label, bi)
+        lr_star = 0.01 * (ladder.rung(arch, rung, "cpu").params / 1e5) ** -0.5
+        pick = choice[label][str(bi)]
+        assert pick["lr"] == lr  # the main cells trained at the chosen rate
+        if bi < 2:
+            assert pick["source"] == "sweep"
+            assert abs(math.log(lr / lr_star)) <= math.log(2) / 2 + 1e-9, (label, bi)
+        else:  # own power law over its swept budgets, or the architecture's (N, C) surface
+            assert pick["source"] in ("power_law", "lr_surface")
+            assert abs(math.log(lr / lr_star)) < math.log(2), (label, bi, pick["source"])
     # resuming plans the same cells and trains nothing new
     calls = []
     monkeypatch.setattr(loop, "train", lambda *a, **k: calls.append(a) or fake_train(*a, **k))
@@ -142,3 +146,43 @@ def test_only_runs_one_entry_and_rejects_an_unknown_one(tmp_path, monkeypatch):
     assert set(plans) == {"transformer_pp"}
     with pytest.raises(ConfigError, match="--only gpt9"):
         matrix_mod.run_matrix(expand(), tmp_path, log=lambda *a: None, only=["gpt9"])
+
+
+def noisy_train(cfg, out_dir, resume=True, **_):
+    """fake_train plus seed noise (a fixed function of the seed) and the tokens the budget buys."""
+    out = fake_train(cfg, out_dir, resume)
+    out["val_loss"] += 0.01 * math.sin(7.0 * (cfg.seed + 1))
+    r = next(r for r in ladder.ladder(cfg.model, "cpu") if r.overrides == {k: cfg.model_overrides[k]
+                                                                             for k in r.overrides})
+    out["tokens"] = cfg.budget.flops / r.flops_per_token
+    return out
+
+
+def test_report_has_the_frontier_the_headline_and_the_readme_block(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import harness.train.loop as loop
+    from harness.results import frontier as report_frontier
+    from harness.results.writer import write_report
+    monkeypatch.setattr(loop, "train", noisy_train)
+    matrix_mod.run_matrix(expand(), tmp_path, log=lambda *a: None)
+    text = write_report(tmp_path / "fr").read_text()
+    assert "## Compute-optimal frontier" in text and "Compute multiplier against transformer_pp" in text
+    assert "## Matched-compute comparison" not in text  # rungs of one model are not a matched comparison
+    assert (tmp_path / "fr" / report_frontier.FIT_PLOT).stat().st_size > 10_000
+    assert (tmp_path / "fr" / report_frontier.PROFILES_PLOT).stat().st_size > 10_000
+    headline = (tmp_path / "fr" / report_frontier.HEADLINE).read_text()
+    assert headline.count("| tokenformer ") == 1 and "transformer_pp |" not in headline.split("\n", 3)[-1]
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- frontier:fr -->\nold\n<!-- /frontier:fr -->\nrest\n")
+    cmd = [sys.executable, "-m", "harness", "report", str(tmp_path / "fr"), "--readme", str(readme)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    body = readme.read_text()
+    assert body.startswith("intro\n") and body.endswith("rest\n") and "old" not in body
+    assert headline.strip() in body
+    # a README without the block: one line, exit 2, README untouched
+    readme.write_text("no block\n")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 2 and "frontier:fr" in proc.stderr and readme.read_text() == "no block\n"

@@ -1,0 +1,279 @@
+"""The compute-optimal frontier section of a report: IsoFLOP minima, fitted scaling laws, the compute
+multiplier against the reference architecture, and their plots. Every number comes from harness.scaling
+applied to the records of a frontier matrix (cells that carry a ladder ``rung``)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .. import scaling
+from .load import Run, Store
+from .tables import human
+
+FIT_PLOT = "frontier_fit.png"
+PROFILES_PLOT = "isoflop_profiles.png"
+HEADLINE = "headline.md"
+BOOTSTRAP_ITERS = 1000
+
+
+def frontier_runs(store: Store, matrix: str) -> list[Run]:
+    return [r for r in store.main(matrix) if r.raw.get("rung")]
+
+
+def _plan(runs: list[Run]) -> dict[str, Any]:
+    path = Path(runs[0].directory).parent / "frontier.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def profiles(runs: list[Run]) -> tuple[list[scaling.Profiles], dict[str, Any]]:
+    """One Profiles per architecture from the complete runs; a (size, budget) enters only with every seed the
+    matrix trained there complete (its seeds then line up with every other size's). Returns the profiles and
+    what was left out."""
+    by: dict[tuple, dict[int, float]] = {}
+    tokens: dict[tuple, list[float]] = {}
+    for r in runs:
+        key = (r.raw.get("arch") or r.model, float(r.raw["budget"]["flops"]), float(r.raw["rung"]["params"]))
+        by.setdefault(key, {})[r.seed] = r.val_loss
+        tokens.setdefault(key, []).append(r.tokens)
+    n_seeds = max((len(v) for v in by.values()), default=0)
+    out: dict[str, scaling.Profiles] = {}
+    left_out = []
+    for (arch, c, n), per_seed in sorted(by.items()):
+        if len(per_seed) < n_seeds:
+            left_out.append({"arch": arch, "compute": c, "params": n, "seeds": len(per_seed)})
+            continue
+        p = out.setdefault(arch, scaling.Profiles(arch, {}, {}))
+        p.losses.setdefault(c, {})[n] = np.array([per_seed[s] for s in sorted(per_seed)], float)
+        p.tokens.setdefault(c, {})[n] = float(np.mean(tokens[(arch, c, n)]))
+    return list(out.values()), {"left_out": left_out, "seeds": n_seeds}
+
+
+def analyse(store: Store, matrix: str, iters: int = BOOTSTRAP_ITERS) -> dict[str, Any] | None:
+    runs = frontier_runs(store, matrix)
+    if not runs:
+        return None
+    profs, info = profiles(runs)
+    plan = _plan(runs)
+    reference = (plan.get("spec") or {}).get("reference")
+    usable = [p for p in profs if p.budgets]
+    if not usable:
+        return None
+    result = scaling.analyse(usable, reference if reference in {p.arch for p in usable} else None, iters=iters)
+    result.update(info)
+    result["plan"] = plan
+    result["profiles"] = usable
+    result["runs"] = runs
+    return result
+
+
+def _ci(ci, fmt="{:.3g}") -> str:
+    if not ci:
+        return "n/a"
+    return "[" + ", ".join("∞" if not math.isfinite(v) else fmt.format(v) for v in ci) + "]"
+
+
+def _mult(value) -> str:
+    if value is None:
+        return "n/a"
+    return "never (below its fitted E)" if not math.isfinite(value) else f"{value:.2f}×"
+
+
+def headline(result: dict[str, Any], matrix: str) -> list[str]:
+    """The compute-multiplier table: what README and the report lead with."""
+    ref = result["reference"]
+    if ref is None:
+        return []
+    archs = [a for a in result["archs"] if a != ref]
+    budgets = sorted(result["archs"][ref]["minima"])
+    lo, hi = result["cross_range"]
+    rows = []
+    for a in archs:
+        info = result["archs"][a]
+        row = {"architecture": a}
+        for c in budgets:
+            m = info.get("multiplier", {}).get(c)
+            row[f"C = {c:.2g}"] = "n/a" if m is None else f"{_mult(m['multiplier'])} {_ci(m['ci'], '{:.3g}')}"
+        cross = info.get("crossing") or {}
+        row["fitted curves cross"] = (f"at {cross['compute']:.2g} FLOPs {_ci(cross.get('ci'))} "
+                                      f"({cross.get('share_crossing', 0):.0%} of replicates cross)"
+                                      if cross.get("compute") else
+                                      f"no crossing in {lo:.2g}–{hi:.2g} "
+                                      f"({(cross.get('share_crossing') or 0):.0%} of replicates cross)")
+        rows.append(row)
+    return [f"**Compute multiplier against {ref}** ({matrix}): the training compute each architecture, at its "
+            f"compute-optimal size, needs to reach {ref}'s compute-optimal loss at each measured budget, as a "
+            f"multiple of that budget (< 1×: less compute than {ref}). From each architecture's fitted "
+            f"L*(C) = E + A·C^-α; 95% bootstrap interval over evaluation seeds and budgets "
+            f"({result['iters']} replicates).", "", pd.DataFrame(rows).to_markdown(index=False), ""]
+
+
+def section(store: Store, matrix: str, out_dir: Path, plot_name) -> tuple[list[str], dict[str, Any] | None]:
+    result = analyse(store, matrix)
+    if result is None:
+        return [], None
+    plan = result["plan"].get("plans", {})
+    lines = ["## Compute-optimal frontier", "",
+             "Each architecture at the sizes of its own ladder (`harness models --ladder NAME`) nearest its "
+             "predicted compute-optimal size at every budget, more sizes added past an edge minimum "
+             "(harness.frontier); N = parameters (tied embeddings once), D = training tokens.", ""]
+    lines += headline(result, matrix)
+    # per-budget minima
+    rows = []
+    for a, info in result["archs"].items():
+        for c, m in sorted(info["minima"].items()):
+            bi = next((k for k, v in plan.get(a, {}).items() if float(v["budget"]["flops"]) == c), None)
+            p = plan.get(a, {}).get(bi, {}) if bi is not None else {}
+            sizes = sorted(next(pr for pr in result["profiles"] if pr.arch == a).losses[c])
+            rows.append({"architecture": a, "budget": f"{c:.2g}", "sizes": ", ".join(human(n) for n in sizes),
+                         "profile": p.get("status", "-"), "best size (envelope)":
+                         f"{human(m['env_n'])}: {m['env_loss']:.4f}",
+                         "N_opt [95% CI]": f"{human(m['n_opt'])} {_ci(m['n_ci'], '{:.3g}')}",
+                         "L_opt [95% CI]": f"{m['l_opt']:.4f} {_ci(m['l_ci'], '{:.4f}')}",
+                         "method": m["method"], "D_opt": human(m["d_opt"]),
+                         "tokens/param": f"{m['d_opt'] / m['n_opt']:.3g}"})
+    lines += ["### IsoFLOP minima", "",
+              "Per budget: a parabola in log N through every seed's final loss (Chinchilla's Approach 2); "
+              "'envelope' where the parabola is not convex or its vertex lies outside the sizes trained (then the "
+              "best size trained stands in). Intervals: bootstrap over evaluation seeds. 'profile': interior = "
+              "the lowest mean loss is not at an end of the sizes trained; ladder_end / epoch_limit = it is, and "
+              "no further size exists or fits in one epoch.", "", pd.DataFrame(rows).to_markdown(index=False), ""]
+    # fits
+    rows = []
+    for a, info in result["archs"].items():
+        f = info["fits"]
+        lf = f.get("loss")
+        rows.append({"architecture": a,
+                     "E [95% CI]": f"{lf['E']:.3f} {_ci(lf['E_ci'], '{:.3f}')}" if lf else "n/a",
+                     "A": f"{lf['A']:.3g}" if lf else "n/a",
+                     "α [95% CI]": f"{lf['alpha']:.3f} {_ci(lf['alpha_ci'], '{:.3f}')}" if lf else "n/a",
+                     "N* ∝ C^b [95% CI]": f"{f['n']['b']:.3f} {_ci(f['n']['b_ci'], '{:.3f}')}" if "n" in f else "n/a",
+                     "D* ∝ C^b [95% CI]": f"{f['d']['b']:.3f} {_ci(f['d']['b_ci'], '{:.3f}')}" if "d" in f else "n/a",
+                     "replicates that fit": lf["replicates"] if lf else 0})
+    lines += ["### Fitted scaling laws", "",
+              "L*(C) = E + A·C^-α through the per-budget minima (least squares in loss; E bounded by the lowest "
+              "loss), N*(C) and D*(C) power laws through the optimal sizes and token counts. Intervals: bootstrap "
+              "over evaluation seeds *and* budgets (a replicate with fewer than three distinct budgets cannot fit "
+              "L*(C) and is dropped; the count is shown). Chinchilla's exponents for reference: N* ∝ C^0.50, "
+              "D* ∝ C^0.50 (Approach 2).", "", pd.DataFrame(rows).to_markdown(index=False), ""]
+    left = result["left_out"]
+    if left:
+        lines += [f"Left out of the fits: {len(left)} (size, budget) profile point(s) without all "
+                  f"{result['seeds']} seeds complete.", ""]
+    max_epochs = max((r.raw.get("epochs") or _epochs(r) or 0) for r in result["runs"])
+    lines += [f"Largest fraction of the training split any run read: {max_epochs:.2f} epochs.", ""]
+    name = plot_name(matrix, FIT_PLOT)
+    fit_plot(result, out_dir / name)
+    lines += [f"![loss against compute, fitted frontiers]({name})", ""]
+    name = plot_name(matrix, PROFILES_PLOT)
+    profiles_plot(result, out_dir / name)
+    lines += [f"![IsoFLOP profiles]({name})", ""]
+    return lines, result
+
+
+def _epochs(r: Run) -> float | None:
+    train = ((r.raw.get("data") or {}).get("train") or {}).get("n_tokens")
+    return r.tokens / train if train and r.tokens else None
+
+
+def _plt():
+    from .plots import _plt as plt_
+    return plt_()
+
+
+def fit_plot(result: dict[str, Any], path: Path) -> None:
+    """Loss against training FLOPs: every run a faint point, each budget's minimum a marker, the fitted L*(C)
+    with its 95% bootstrap band."""
+    plt, sns = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = dict(zip(result["archs"], sns.color_palette(n_colors=len(result["archs"]))))
+    for r in result["runs"]:
+        a = r.raw.get("arch") or r.model
+        if a in colours:
+            ax.scatter(r.flops, r.val_loss, s=8, alpha=0.2, color=colours[a], linewidths=0)
+    for a, info in result["archs"].items():
+        cs = sorted(info["minima"])
+        ax.scatter(cs, [info["minima"][c]["l_opt"] for c in cs], s=40, color=colours[a], marker="D",
+                   edgecolors="black", linewidths=0.5, zorder=3, label=f"{a}: IsoFLOP minima")
+        lf = info["fits"].get("loss")
+        if lf:
+            grid = np.geomspace(cs[0], cs[-1], 60)
+            ax.plot(grid, scaling.loss_at(lf, grid), color=colours[a],
+                    label=f"{a}: {lf['E']:.2f} + {lf['A']:.3g}·C^-{lf['alpha']:.3f}")
+            band = lf.get("band") or {}
+            if band.get("lo"):
+                ax.fill_between(band["compute"], band["lo"], band["hi"], color=colours[a], alpha=0.15, linewidth=0)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title("Compute-optimal frontiers (band: 95% bootstrap over seeds and budgets)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def profiles_plot(result: dict[str, Any], path: Path) -> None:
+    """IsoFLOP profiles as small multiples: one panel per budget, loss against parameters per architecture
+    (every seed a faint point, the mean a marker, the parabola where it is used)."""
+    plt, sns = _plt()
+    budgets = sorted({c for p in result["profiles"] for c in p.budgets})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(3.6 * len(budgets), 3.6), squeeze=False)
+    colours = dict(zip(result["archs"], sns.color_palette(n_colors=len(result["archs"]))))
+    for ax, c in zip(axes[0], budgets):
+        for p in result["profiles"]:
+            if c not in p.losses:
+                continue
+            ns = sorted(p.losses[c])
+            for n in ns:
+                ax.scatter([n] * len(p.losses[c][n]), p.losses[c][n], s=6, alpha=0.3, color=colours[p.arch])
+            ax.plot(ns, [p.losses[c][n].mean() for n in ns], "o", color=colours[p.arch], ms=4, label=p.arch)
+            x = np.log(np.repeat(ns, [len(p.losses[c][n]) for n in ns]))
+            y = np.concatenate([p.losses[c][n] for n in ns])
+            m = result["archs"][p.arch]["minima"].get(c)
+            if m and m["method"] == "parabola":
+                coef = np.polyfit(x, y, 2)
+                grid = np.linspace(x.min(), x.max(), 50)
+                ax.plot(np.exp(grid), np.polyval(coef, grid), color=colours[p.arch], lw=1)
+                ax.axvline(m["n_opt"], color=colours[p.arch], lw=0.6, ls=":")
+        ax.set_xscale("log")
+        ax.set_title(f"C = {c:.2g} FLOPs", fontsize=9)
+        ax.set_xlabel("parameters")
+    axes[0][0].set_ylabel("final validation loss")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_headline(result: dict[str, Any], matrix: str, out_dir: Path) -> Path:
+    from .. import store as _store
+    path = out_dir / HEADLINE
+    _store.write_text_atomic(path, "\n".join(headline(result, matrix)))
+    return path
+
+
+def check_readme(readme: Path, matrix: str) -> None:
+    """Raise (one line naming the file) unless README has the block update_readme replaces."""
+    start, end = f"<!-- frontier:{matrix} -->", f"<!-- /frontier:{matrix} -->"
+    if not readme.is_file():
+        raise ValueError(f"{readme}: no such file")
+    body = readme.read_text()
+    if start not in body or end not in body:
+        raise ValueError(f"{readme}: no {start} ... {end} block to update")
+
+
+def update_readme(readme: Path, matrix: str, text: str) -> None:
+    """Replace the block between ``<!-- frontier:MATRIX -->`` and ``<!-- /frontier:MATRIX -->`` in README."""
+    from .. import store as _store
+    start, end = f"<!-- frontier:{matrix} -->", f"<!-- /frontier:{matrix} -->"
+    body = readme.read_text()
+    if start not in body or end not in body:
+        raise ValueError(f"{readme}: no {start} ... {end} block to update")
+    head, rest = body.split(start, 1)
+    _, tail = rest.split(end, 1)
+    _store.write_text_atomic(readme, f"{head}{start}\n{text.strip()}\n{end}{tail}")
