@@ -388,12 +388,10 @@ def _train_budget(matrix, cells, root, force, log, nproc, run_cells, choose, pha
             todo = extend_sweep(matrix, choice, lambda label, bi: (label, bi) in keys)
             if not todo:
                 break
-        tuned = [c for c in main if c.lr_from_sweep]
-        for cell in tuned:
-            pick = choice.get(cell.label, {}).get(str(cell.budget_index)) or {}
+        for label in dict.fromkeys(c.label for c in main if c.lr_from_sweep):
+            pick = choice.get(label, {}).get(str(main[0].budget_index)) or {}
             if pick.get("lr"):
-                log(f"    {cell.label}: peak lr {pick['lr']:.4g} ({pick.get('source')}, {pick.get('status')})")
-                break
+                log(f"    {label}: peak lr {pick['lr']:.4g} ({pick.get('source')}, {pick.get('status')})")
         apply_lr_choice(matrix, choice, main)
     records += run_cells(matrix, main, root, force, log, nproc, f"{phase} main")
     return records

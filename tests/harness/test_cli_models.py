@@ -33,3 +33,22 @@ def test_unknown_preset_one_line_nonzero_exit():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "130m" in proc.stderr
+
+
+def test_models_ladder_prints_the_rungs_with_meta_counts(capsys):
+    from models import ladder
+    assert main(["models", "--ladder", "transformer_pp", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["rung"] for r in rows] == [f"d{d}" for d in ladder.SCALES["cpu"].widths]
+    for r in rows:
+        m = registry.build("transformer_pp", r["preset"], device="meta", **r["overrides"])
+        assert m.counted_params() == r["params"]
+    assert main(["models", "--ladder", "mamba", "--scale", "gpu"]) == 0
+    out = capsys.readouterr().out
+    assert "d1280" in out and "spanning" in out
+
+
+def test_models_ladder_unknown_one_line_exit_2():
+    for args in (["--ladder", "nope"], ["--ladder", "mamba", "--scale", "tpu"]):
+        proc = subprocess.run([sys.executable, "-m", "harness", "models", *args], capture_output=True, text=True)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
