@@ -171,23 +171,24 @@ def nearest(rungs: list[_ladder.Rung], n_star: float, k: int, ok=lambda r: True)
 def next_rung(rungs: list[_ladder.Rung], trained: list[str], mean_loss: dict[str, float],
               ok=lambda r: True) -> tuple[_ladder.Rung | None, str]:
     """After a budget's runs: the rung to add when the lowest mean loss is at an end of what was trained.
-    Returns (rung or None, status): interior | extend_down | extend_up | ladder_end | epoch_limit."""
+    Returns (rung or None, status): interior | extend_down | extend_up | ladder_end | epoch_limit | no_result.
+    A rung whose runs failed (infinite mean) counts as trained: the next rung is always beyond every trained
+    one, never one already tried."""
     names = [r.name for r in rungs]
-    done = sorted((names.index(n) for n in trained if n in mean_loss and math.isfinite(mean_loss[n])))
-    if not done:
+    tried = sorted({names.index(n) for n in trained})
+    finite = sorted(names.index(n) for n in trained if n in mean_loss and math.isfinite(mean_loss[n]))
+    if not finite:
         return None, "no_result"
-    best = min(done, key=lambda i: mean_loss[names[i]])
-    if len(done) >= 2 and done[0] < best < done[-1]:
+    best = min(finite, key=lambda i: mean_loss[names[i]])
+    if len(finite) >= 2 and finite[0] < best < finite[-1]:
         return None, "interior"
-    step = -1 if best == done[0] else 1
-    j = best + step
-    if len(done) == 1:
-        step, j = 1, done[-1] + 1
+    down = best == finite[0] and not (len(finite) == 1)
+    j = tried[0] - 1 if down else tried[-1] + 1
     if not 0 <= j < len(rungs):
         return None, "ladder_end"
     if not ok(rungs[j]):
         return None, "epoch_limit"
-    return rungs[j], "extend_down" if step < 0 else "extend_up"
+    return rungs[j], "extend_down" if down else "extend_up"
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -336,6 +337,8 @@ def run_frontier(matrix, root: Path, force: bool, log, nproc: int, run_cells, ch
     records = []
     # the prior expansion is what --list shows; the run plans its own cells (centred sweeps, extensions)
     matrix.cells = [c for c in matrix.cells if c.rung is None]
+    matrix.entries = [e for e in matrix.entries if e.rung is None]
+    forced: set[str] = set()  # with --force, each cell retrains once per process, not once per round
     for entry in frontier_entries(matrix, only):
         rungs = entry_ladder(matrix, entry)
         for bi, b in enumerate(matrix.budgets):
@@ -348,17 +351,19 @@ def run_frontier(matrix, root: Path, force: bool, log, nproc: int, run_cells, ch
             log(f"  {entry.label} @ {BudgetConfig(**b).label()}: N* ~ {n_star:.3g} ({why}) -> "
                 + ", ".join(r.name for r in chosen))
             centers: dict[str, float | None] = {}
-            for _ in range(MAX_EXTENSIONS + 1):
+            for round_ in range(MAX_EXTENSIONS + 1):
                 if matrix.sweep is not None:
                     choice = choose(matrix, root)
                     for r in chosen:
                         if r.name not in centers:  # fixed once per (rung, budget): later rounds extend it
                             centers[r.name] = sweep_center(matrix, choice, entry, r, bi)
                 cells = [c for r in chosen for c in cells_for(matrix, entry, r, bi, centers.get(r.name))]
-                records += _train_budget(matrix, cells, root, force, log, nproc, run_cells, choose,
+                records += _train_budget(matrix, cells, root, force, forced, log, nproc, run_cells, choose,
                                          f"{entry.label} {BudgetConfig(**b).label()}")
                 means = _mean_losses(matrix, root, entry, bi)
                 nxt, status = next_rung(rungs, [r.name for r in chosen], means, ok)
+                if nxt is not None and round_ == MAX_EXTENSIONS:
+                    nxt, status = None, "max_extensions"  # gave up: the minimum is still at an edge
                 decisions.append({"trained": [r.name for r in chosen], "status": status,
                                   "added": nxt.name if nxt else None})
                 if nxt is None:
@@ -372,7 +377,28 @@ def run_frontier(matrix, root: Path, force: bool, log, nproc: int, run_cells, ch
     return records
 
 
-def _train_budget(matrix, cells, root, force, log, nproc, run_cells, choose, phase) -> list[dict[str, Any]]:
+def _final_failure(root: Path, cell) -> bool:
+    """A cell whose record (of this very config) says it failed: a result of the frontier, not a task. Its
+    sweep point counts as diverged, its seed as an infinite loss; rerun it with --force."""
+    rec = store.read_record(store.cell_dir(root, cell.matrix, cell.cell_id)) or {}
+    return rec.get("status") == "failed" and rec.get("config_hash") == cell.config_hash
+
+
+def _run_once(matrix, cells, root, force, forced, log, nproc, run_cells, phase) -> list[dict[str, Any]]:
+    """Run ``cells`` skipping final failures; under --force each cell id retrains at most once."""
+    records = []
+    fresh = [c for c in cells if force and c.cell_id not in forced]
+    forced.update(c.cell_id for c in fresh)
+    rest = [c for c in cells if c not in fresh and not _final_failure(root, c)]
+    if fresh:
+        records += run_cells(matrix, fresh, root, True, log, nproc, phase)
+    if rest:
+        records += run_cells(matrix, rest, root, False, log, nproc, phase)
+    return records
+
+
+def _train_budget(matrix, cells, root, force, forced, log, nproc, run_cells, choose,
+                  phase) -> list[dict[str, Any]]:
     from .matrix import MAX_SWEEP_ROUNDS, apply_lr_choice, extend_sweep
     records = []
     sweep = [c for c in cells if c.phase == "sweep"]
@@ -381,7 +407,7 @@ def _train_budget(matrix, cells, root, force, log, nproc, run_cells, choose, pha
         todo = sweep
         for round_ in range(MAX_SWEEP_ROUNDS):
             if todo:
-                records += run_cells(matrix, todo, root, force, log, nproc,
+                records += _run_once(matrix, todo, root, force, forced, log, nproc, run_cells,
                                      f"{phase} lr sweep" + (f" +{round_}" if round_ else ""))
             choice = choose(matrix, root)
             keys = {(c.label, c.budget_index) for c in cells}
@@ -393,14 +419,14 @@ def _train_budget(matrix, cells, root, force, log, nproc, run_cells, choose, pha
             if pick.get("lr"):
                 log(f"    {label}: peak lr {pick['lr']:.4g} ({pick.get('source')}, {pick.get('status')})")
         apply_lr_choice(matrix, choice, main)
-    records += run_cells(matrix, main, root, force, log, nproc, f"{phase} main")
+    records += _run_once(matrix, main, root, force, forced, log, nproc, run_cells, f"{phase} main")
     return records
 
 
 def _record_plan(root: Path, matrix, label: str, bi: int, plan: dict[str, Any]) -> None:
     def update(old):
         new = copy.deepcopy(old)
-        new.setdefault("spec", {"ladder": matrix.frontier.ladder, "budgets": matrix.budgets,
+        new["spec"] = ({"ladder": matrix.frontier.ladder, "budgets": matrix.budgets,
                                 "sizes_per_budget": matrix.frontier.k,
                                 "tokens_per_param": matrix.frontier.tokens_per_param,
                                 "max_epochs": matrix.frontier.max_epochs, "reference": matrix.frontier.reference})

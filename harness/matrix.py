@@ -387,8 +387,15 @@ def choose_lrs(matrix: Matrix, root: Path) -> dict[str, dict[str, Any]]:
         choice[entry.label] = per_budget
     if matrix.frontier is not None:
         _lr_surface(matrix, choice)
-        # several runners (harness run --only) may share one matrix: each merges its own labels
-        return store.update_json_locked(Path(root) / matrix.name / LR_CHOICE, lambda old: {**old, **choice})
+        # several runners (harness run --only) may share one matrix: each merges the (label, budget) picks
+        # of its own entries, never an empty or stale one over another runner's
+        def merge_picks(old):
+            new = {k: dict(v) for k, v in old.items() if v}
+            for label, per_budget in choice.items():
+                if per_budget:
+                    new.setdefault(label, {}).update(per_budget)
+            return new
+        return store.update_json_locked(Path(root) / matrix.name / LR_CHOICE, merge_picks)
     store.write_json_atomic(Path(root) / matrix.name / LR_CHOICE, choice)
     return choice
 

@@ -38,9 +38,9 @@ class LadderScale:
 
 
 SCALES = {
-    # byte-level, 2-core CPU: ~16k to ~14M non-embedding parameters (transformer_pp), vocab 512
+    # byte-level, 2-core CPU: ~1k to ~21M non-embedding parameters (transformer_pp), vocab 512
     "cpu": LadderScale(
-        "cpu", widths=(16, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384), aspect=32, head_dim=16, seq_len=256,
+        "cpu", widths=(8, 16, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384), aspect=32, head_dim=16, seq_len=256,
         base={"tokenformer": "tiny", "transformer_pp": "tiny", "gpt2": "tiny", "mamba": "tiny", "mamba2": "tiny"},
         vocab_size=512, ssm={"mamba": {"d_state": 16}, "mamba2": {"d_state": 16, "headdim": 16, "chunk_size": 64}},
         description="byte-level CPU ladder (vocab 512, context 256)"),

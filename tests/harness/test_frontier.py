@@ -52,7 +52,10 @@ def test_expansion_is_deterministic_and_centred_on_20_tokens_per_param():
     (["d32", "d48", "d64"], {"d32": 3.0, "d48": 2.9, "d64": 2.95}, (None, "interior")),
     (["d32", "d48", "d64"], {"d32": 3.0, "d48": 2.9, "d64": 2.8}, ("d96", "extend_up")),
     (["d32", "d48", "d64"], {"d32": 2.7, "d48": 2.9, "d64": 2.95}, ("d16", "extend_down")),
-    (["d16", "d32", "d48"], {"d16": 2.7, "d32": 2.9, "d48": 2.95}, (None, "ladder_end")),
+    (["d8", "d16", "d32"], {"d8": 2.7, "d16": 2.9, "d32": 2.95}, (None, "ladder_end")),
+    # a failed rung (infinite mean) counts as tried: the extension goes beyond it, never back to it
+    (["d32", "d48", "d64"], {"d32": 3.0, "d48": 2.9, "d64": math.inf}, ("d96", "extend_up")),
+    (["d32", "d48", "d64"], {"d48": 2.9, "d64": 3.0}, ("d16", "extend_down")),
 ])
 def test_next_rung_extends_past_an_edge_minimum(trained, losses, expect):
     rungs = ladder.ladder("transformer_pp", "cpu")
@@ -186,3 +189,34 @@ def test_report_has_the_frontier_the_headline_and_the_readme_block(tmp_path, mon
     readme.write_text("no block\n")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 2 and "frontier:fr" in proc.stderr and readme.read_text() == "no block\n"
+
+
+def test_a_failed_seed_is_final_and_nothing_trains_twice(tmp_path, monkeypatch):
+    """A seed that fails (here: every d96 main run of seed 1) makes its rung's mean infinite; the planner
+    extends past it instead of retrying it, no cell trains twice in one run, and a resume trains nothing."""
+    import harness.train.loop as loop
+    calls = []
+
+    def flaky(cfg, out_dir, resume=True, **kw):
+        calls.append(str(out_dir))
+        if cfg.model_overrides.get("d_model") == 96 and cfg.seed == 1:
+            raise FloatingPointError("loss became nan at step 3")
+        return fake_train(cfg, out_dir, resume, **kw)
+
+    monkeypatch.setattr(loop, "train", flaky)
+    raw = copy.deepcopy(RAW)
+    raw["models"] = [{"model": "tokenformer"}, {"model": "transformer_pp"}]
+    matrix_mod.run_matrix(expand(raw), tmp_path, log=lambda *a: None, only=["tokenformer"])
+    assert len(calls) == len(set(calls))
+    plans = json.loads((tmp_path / "fr" / frontier.FRONTIER).read_text())["plans"]["tokenformer"]
+    for plan in plans.values():
+        assert len(plan["rungs"]) == len(set(plan["rungs"]))
+        if "d96" in plan["rungs"]:  # the failed rung is never the minimum; its neighbours were tried instead
+            assert plan["mean_loss"]["d96"] == math.inf and "d128" in plan["rungs"]
+    n = len(calls)
+    matrix_mod.run_matrix(expand(raw), tmp_path, log=lambda *a: None, only=["tokenformer"])
+    assert len(calls) == n
+    # --force retrains each cell once, not once per extension round
+    calls.clear()
+    matrix_mod.run_matrix(expand(raw), tmp_path, log=lambda *a: None, only=["tokenformer"], force=True)
+    assert len(calls) == len(set(calls)) == n
