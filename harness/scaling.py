@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 
 CI = 0.95
+NO_FIT = object()  # a bootstrap replicate in which a fit needed for the statistic failed
+ALPHA_MIN = 1e-4   # the fit's lower bound on alpha; a fit that ends there is flat
 
 
 def fit_power_law(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
@@ -76,28 +78,29 @@ def fit_loss_curve(compute: Sequence[float], loss: Sequence[float],
     x = c / c0
     lo = float(y.min())
     best = None
-    if start is not None:  # a bootstrap replicate starts from the point estimate (one start, then the grid)
-        starts = [(min(start["E"], 0.999 * lo), start["A"] / c0 ** start["alpha"], start["alpha"])]
-    else:
-        starts = [(e_frac * lo, max(y.max() - e_frac * lo, 1e-6), alpha0)
-                  for alpha0 in (0.05, 0.2, 0.5) for e_frac in (0.0, 0.5, 0.9)]
+    fracs = (0.0, 0.5, 0.9) if start is None else (0.5,)
+    starts = [(e_frac * lo, max(y.max() - e_frac * lo, 1e-6), alpha0)
+              for alpha0 in (0.05, 0.2, 0.5) for e_frac in fracs]
+    if start is not None:  # a bootstrap replicate also starts from the point estimate; the lowest SSE wins
+        starts.insert(0, (min(start["E"], 0.999 * lo), start["A"] / c0 ** start["alpha"], start["alpha"]))
     # several starts: the loss surface in alpha is flat-bottomed
     for p0 in starts:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                p, _ = curve_fit(_loss_curve, x, y, p0=p0, bounds=([0, 0, 1e-4], [lo, np.inf, 3.0]),
+                p, _ = curve_fit(_loss_curve, x, y, p0=p0, bounds=([0, 0, ALPHA_MIN], [lo, np.inf, 3.0]),
                                  maxfev=20000)
         except (RuntimeError, ValueError):
             continue
         sse = float(np.sum((_loss_curve(x, *p) - y) ** 2))
         if best is None or sse < best[1]:
             best = (p, sse)
-    if best is None and start is not None:
-        return fit_loss_curve(compute, loss)
     if best is None:
         raise ValueError("the fit of E + A·C^-alpha did not converge")
     E, A, alpha = (float(v) for v in best[0])
+    if A <= 0 or alpha <= ALPHA_MIN * 1.001:
+        # loss not falling with compute over these budgets: no curve to invert (a multiplier would be noise)
+        raise ValueError("L*(C) is flat over these budgets (alpha at its lower bound)")
     return {"E": E, "A": A * c0 ** alpha, "alpha": alpha, "sse": best[1]}
 
 
@@ -167,13 +170,20 @@ def _tokens_at(p: Profiles, c: float, n: float) -> float:
                                    np.log(n))))
 
 
+def usable(m: dict[str, Any]) -> bool:
+    """A minimum the fits over budgets may use: at least three sizes, and not the best size at an end of the
+    profile (then the true optimum lies outside the sizes trained and L_opt is only a bound)."""
+    return m["sizes"] >= 3 and not (m["method"] == "envelope" and m["edge"])
+
+
 def fit_frontier(p: Profiles, seed_index=None, budgets: Sequence[float] | None = None,
                  start: dict[str, float] | None = None) -> dict[str, Any]:
-    """Per-budget minima and the fits over budgets (each None when it cannot be made)."""
+    """Per-budget minima and the fits over budgets through the usable ones (each fit None when it cannot be
+    made)."""
     minima = _minima(p, seed_index)
     cs = list(budgets) if budgets is not None else sorted(minima)
     out: dict[str, Any] = {"minima": minima, "loss_fit": None, "n_fit": None, "d_fit": None}
-    cs_ok = [c for c in cs if c in minima]
+    cs_ok = [c for c in cs if c in minima and usable(minima[c])]
     try:
         out["loss_fit"] = fit_loss_curve(cs_ok, [minima[c]["l_opt"] for c in cs_ok], start)
     except ValueError:
@@ -187,13 +197,13 @@ def fit_frontier(p: Profiles, seed_index=None, budgets: Sequence[float] | None =
 
 
 def _resample(profiles: Sequence[Profiles], rng: np.random.Generator, over_budgets: bool):
-    """One bootstrap draw: seed indices per budget (shared by every architecture and size: the seeds are the
-    same data orders everywhere) and, with ``over_budgets``, a resampled list of budgets."""
+    """One bootstrap draw: one vector of seed indices shared by every budget, size and architecture (seed s
+    is the same data order and initialisation seed everywhere, so the seed is the unit resampled) and, with
+    ``over_budgets``, a resampled list of budgets."""
     budgets = sorted(set().union(*(p.budgets for p in profiles)))
-    seeds = {}
-    for c in budgets:
-        n = max(len(a) for p in profiles for a in p.losses.get(c, {}).values())
-        seeds[c] = rng.integers(0, n, n)
+    n = max(len(a) for p in profiles for c in budgets for a in p.losses.get(c, {}).values())
+    draw_seeds = rng.integers(0, n, n)
+    seeds = {c: draw_seeds for c in budgets}
     draw = list(rng.choice(budgets, len(budgets), replace=True)) if over_budgets else budgets
     return seeds, draw
 
@@ -238,9 +248,11 @@ def analyse(profiles: Sequence[Profiles], reference: str | None, iters: int = 10
             for a in mult_draws:
                 lf = fits[a]["loss_fit"]
                 mult_draws[a].append(None if lf is None else
-                                     {c: compute_for_loss(lf, ref_min[c]["l_opt"]) / c for c in ref_min})
+                                     {c: compute_for_loss(lf, m["l_opt"]) / c for c, m in ref_min.items()
+                                      if usable(m)})
                 rf = fits[reference]["loss_fit"]
-                cross_draws[a].append(None if lf is None or rf is None else crossing(lf, rf, lo, hi))
+                # NO_FIT: this replicate cannot say whether the curves cross (either fit failed)
+                cross_draws[a].append(NO_FIT if lf is None or rf is None else crossing(lf, rf, lo, hi))
     out: dict[str, Any] = {"archs": {}, "reference": reference, "iters": iters, "cross_range": [lo, hi]}
     for a, p in by.items():
         pt = point[a]
@@ -248,7 +260,8 @@ def analyse(profiles: Sequence[Profiles], reference: str | None, iters: int = 10
         for c, m in pt["minima"].items():
             l_ci = _interval([d[c]["l_opt"] for d in draws_seed[a] if c in d])
             n_ci = _interval([d[c]["n_opt"] for d in draws_seed[a] if c in d])
-            minima[c] = {**{k: v for k, v in m.items() if k != "coef"}, "l_ci": l_ci, "n_ci": n_ci}
+            minima[c] = {**{k: v for k, v in m.items() if k != "coef"}, "l_ci": l_ci, "n_ci": n_ci,
+                         "usable": usable(m)}
         fits = {}
         lf = pt["loss_fit"]
         if lf is not None:
@@ -267,15 +280,20 @@ def analyse(profiles: Sequence[Profiles], reference: str | None, iters: int = 10
             lf = point[a]["loss_fit"]
             rows = {}
             for c, m in ref_pt["minima"].items():
+                if not usable(m):
+                    continue  # the reference's own optimum at this budget is not measured: nothing to reach
                 est = compute_for_loss(lf, m["l_opt"]) / c if lf is not None else None
-                rows[c] = {"multiplier": est, "target_loss": m["l_opt"],
-                           "ci": _interval([d[c] for d in mult_draws[a] if d is not None and c in d])}
+                reps = [d[c] for d in mult_draws[a] if d is not None and c in d]
+                rows[c] = {"multiplier": est, "target_loss": m["l_opt"], "ci": _interval(reps),
+                           "replicates": len(reps)}
             rf = ref_pt["loss_fit"]
             cross = crossing(lf, rf, lo, hi) if lf is not None and rf is not None else None
-            found = [x for x in cross_draws[a]]
+            found = [x for x in cross_draws[a] if x is not NO_FIT]
             out["archs"][a]["multiplier"] = rows
             out["archs"][a]["crossing"] = {
-                "compute": cross, "ci": _interval([x for x in found if x is not None]),
+                "compute": cross, "fitted": lf is not None and rf is not None,
+                "extrapolated": cross is not None and not budgets[0] <= cross <= budgets[-1],
+                "ci": _interval([x for x in found if x is not None]), "replicates": len(found),
                 "share_crossing": (sum(x is not None for x in found) / len(found)) if found else None}
     return out
 

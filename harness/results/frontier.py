@@ -30,13 +30,22 @@ def _plan(runs: list[Run]) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def profiles(runs: list[Run]) -> tuple[list[scaling.Profiles], dict[str, Any]]:
+def profiles(runs: list[Run], plans: dict[str, Any] | None = None) -> tuple[list[scaling.Profiles], dict[str, Any]]:
     """One Profiles per architecture from the complete runs; a (size, budget) enters only with every seed the
-    matrix trained there complete (its seeds then line up with every other size's). Returns the profiles and
-    what was left out."""
+    matrix trained there complete (its seeds then line up with every other size's), and, when ``plans``
+    (frontier.json) is given, only budgets whose plan is final (a budget still running may not have its
+    edge sizes yet). Returns the profiles and what was left out."""
     by: dict[tuple, dict[int, float]] = {}
     tokens: dict[tuple, list[float]] = {}
+    final = None
+    if plans is not None:
+        final = {(a, float(p["budget"]["flops"])) for a, per in plans.items() for p in per.values()}
+    pending = set()
     for r in runs:
+        key = (r.raw.get("arch") or r.model, float(r.raw["budget"]["flops"]))
+        if final is not None and key not in final:
+            pending.add(key)
+            continue
         key = (r.raw.get("arch") or r.model, float(r.raw["budget"]["flops"]), float(r.raw["rung"]["params"]))
         by.setdefault(key, {})[r.seed] = r.val_loss
         tokens.setdefault(key, []).append(r.tokens)
@@ -50,15 +59,15 @@ def profiles(runs: list[Run]) -> tuple[list[scaling.Profiles], dict[str, Any]]:
         p = out.setdefault(arch, scaling.Profiles(arch, {}, {}))
         p.losses.setdefault(c, {})[n] = np.array([per_seed[s] for s in sorted(per_seed)], float)
         p.tokens.setdefault(c, {})[n] = float(np.mean(tokens[(arch, c, n)]))
-    return list(out.values()), {"left_out": left_out, "seeds": n_seeds}
+    return list(out.values()), {"left_out": left_out, "seeds": n_seeds, "pending": sorted(pending)}
 
 
 def analyse(store: Store, matrix: str, iters: int = BOOTSTRAP_ITERS) -> dict[str, Any] | None:
     runs = frontier_runs(store, matrix)
     if not runs:
         return None
-    profs, info = profiles(runs)
     plan = _plan(runs)
+    profs, info = profiles(runs, plan.get("plans", {}))
     reference = (plan.get("spec") or {}).get("reference")
     usable = [p for p in profs if p.budgets]
     if not usable:
@@ -87,9 +96,14 @@ def headline(result: dict[str, Any], matrix: str) -> list[str]:
     """The compute-multiplier table: what README and the report lead with."""
     ref = result["reference"]
     if ref is None:
-        return []
+        wanted = (result["plan"].get("spec") or {}).get("reference")
+        return [f"**Compute multiplier** ({matrix}): not available yet — the reference architecture "
+                f"{wanted or '(none named)'} has no finished IsoFLOP profile in this store.", ""]
     archs = [a for a in result["archs"] if a != ref]
-    budgets = sorted(result["archs"][ref]["minima"])
+    budgets = sorted(c for c, m in result["archs"][ref]["minima"].items() if m["usable"])
+    if not budgets:
+        return [f"**Compute multiplier against {ref}** ({matrix}): not available yet — no budget has an "
+                f"interior {ref} minimum.", ""]
     lo, hi = result["cross_range"]
     rows = []
     for a in archs:
@@ -97,13 +111,19 @@ def headline(result: dict[str, Any], matrix: str) -> list[str]:
         row = {"architecture": a}
         for c in budgets:
             m = info.get("multiplier", {}).get(c)
-            row[f"C = {c:.2g}"] = "n/a" if m is None else f"{_mult(m['multiplier'])} {_ci(m['ci'], '{:.3g}')}"
+            row[f"C = {c:.2g}"] = ("n/a" if m is None or m["multiplier"] is None else
+                                   f"{_mult(m['multiplier'])} {_ci(m['ci'], '{:.3g}')}")
         cross = info.get("crossing") or {}
-        row["fitted curves cross"] = (f"at {cross['compute']:.2g} FLOPs {_ci(cross.get('ci'))} "
-                                      f"({cross.get('share_crossing', 0):.0%} of replicates cross)"
-                                      if cross.get("compute") else
-                                      f"no crossing in {lo:.2g}–{hi:.2g} "
-                                      f"({(cross.get('share_crossing') or 0):.0%} of replicates cross)")
+        share = (f"; {cross['share_crossing']:.0%} of {cross['replicates']} replicates cross"
+                 if cross.get("share_crossing") is not None else "")
+        if not cross.get("fitted"):
+            row["fitted curves cross"] = "n/a (no L*(C) fit for both)"
+        elif cross.get("compute"):
+            row["fitted curves cross"] = (f"at {cross['compute']:.2g} FLOPs {_ci(cross.get('ci'))}"
+                                          + (" (extrapolated past the budgets)" if cross.get("extrapolated") else "")
+                                          + share)
+        else:
+            row["fitted curves cross"] = f"no crossing in {lo:.2g}–{hi:.2g}{share}"
         rows.append(row)
     return [f"**Compute multiplier against {ref}** ({matrix}): the training compute each architecture, at its "
             f"compute-optimal size, needs to reach {ref}'s compute-optimal loss at each measured budget, as a "
@@ -132,16 +152,20 @@ def section(store: Store, matrix: str, out_dir: Path, plot_name) -> tuple[list[s
             rows.append({"architecture": a, "budget": f"{c:.2g}", "sizes": ", ".join(human(n) for n in sizes),
                          "profile": p.get("status", "-"), "best size (envelope)":
                          f"{human(m['env_n'])}: {m['env_loss']:.4f}",
-                         "N_opt [95% CI]": f"{human(m['n_opt'])} {_ci(m['n_ci'], '{:.3g}')}",
+                         "N_opt [95% CI]": _n_opt(m, sizes),
                          "L_opt [95% CI]": f"{m['l_opt']:.4f} {_ci(m['l_ci'], '{:.4f}')}",
-                         "method": m["method"], "D_opt": human(m["d_opt"]),
+                         "method": m["method"] + ("" if m["usable"] else " (not fitted)"),
+                         "D_opt": human(m["d_opt"]),
                          "tokens/param": f"{m['d_opt'] / m['n_opt']:.3g}"})
     lines += ["### IsoFLOP minima", "",
               "Per budget: a parabola in log N through every seed's final loss (Chinchilla's Approach 2); "
               "'envelope' where the parabola is not convex or its vertex lies outside the sizes trained (then the "
-              "best size trained stands in). Intervals: bootstrap over evaluation seeds. 'profile': interior = "
-              "the lowest mean loss is not at an end of the sizes trained; ladder_end / epoch_limit = it is, and "
-              "no further size exists or fits in one epoch.", "", pd.DataFrame(rows).to_markdown(index=False), ""]
+              "best size trained stands in). Intervals: bootstrap over the evaluation seeds (with 3 seeds close to "
+              "their range). 'profile': interior = the lowest mean loss is not at an end of the sizes trained; "
+              "ladder_end / epoch_limit = it is, and no further size exists or fits in one epoch. A minimum whose "
+              "best size is at an end, or with fewer than 3 sizes, bounds the optimum rather than locating it: it is "
+              "left out of the fits below and of the compute multiplier ('not fitted').", "",
+              pd.DataFrame(rows).to_markdown(index=False), ""]
     # fits
     rows = []
     for a, info in result["archs"].items():
@@ -160,12 +184,18 @@ def section(store: Store, matrix: str, out_dir: Path, plot_name) -> tuple[list[s
               "over evaluation seeds *and* budgets (a replicate with fewer than three distinct budgets cannot fit "
               "L*(C) and is dropped; the count is shown). Chinchilla's exponents for reference: N* ∝ C^0.50, "
               "D* ∝ C^0.50 (Approach 2).", "", pd.DataFrame(rows).to_markdown(index=False), ""]
+    pending = result.get("pending") or []
+    if pending:
+        lines += ["Still running (left out until their plan is final): " + ", ".join(
+            f"{a} @ {c:.2g}" for a, c in pending) + ".", ""]
     left = result["left_out"]
     if left:
         lines += [f"Left out of the fits: {len(left)} (size, budget) profile point(s) without all "
                   f"{result['seeds']} seeds complete.", ""]
     max_epochs = max((r.raw.get("epochs") or _epochs(r) or 0) for r in result["runs"])
-    lines += [f"Largest fraction of the training split any run read: {max_epochs:.2f} epochs.", ""]
+    lines += [f"Largest fraction of the training split any run read: {max_epochs:.2f} epochs. N counts every "
+              "parameter once (tied embeddings included: their rows are also the output head, whose FLOPs C "
+              "counts), all rows of the model's vocabulary, whether or not the tokenizer uses them.", ""]
     name = plot_name(matrix, FIT_PLOT)
     fit_plot(result, out_dir / name)
     lines += [f"![loss against compute, fitted frontiers]({name})", ""]
@@ -175,8 +205,15 @@ def section(store: Store, matrix: str, out_dir: Path, plot_name) -> tuple[list[s
     return lines, result
 
 
+def _n_opt(m: dict[str, Any], sizes: list[float]) -> str:
+    if m["method"] == "envelope" and m["edge"]:
+        side = "≤" if m["env_n"] == sizes[0] else "≥"
+        return f"{side} {human(m['env_n'])} (best size at an end)"
+    return f"{human(m['n_opt'])} {_ci(m['n_ci'], '{:.3g}')}"
+
+
 def _epochs(r: Run) -> float | None:
-    train = ((r.raw.get("data") or {}).get("train") or {}).get("n_tokens")
+    train = ((r.raw.get("dataset") or {}).get("train") or {}).get("n_tokens")
     return r.tokens / train if train and r.tokens else None
 
 
