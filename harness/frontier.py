@@ -304,7 +304,7 @@ def _mean_losses(matrix, root: Path, entry, bi: int) -> dict[str, float]:
             continue
         if rec.get("status") == "complete" and rec.get("val_loss") is not None:
             by_rung.setdefault(name, []).append(float(rec["val_loss"]))
-        elif rec.get("status") == "failed":
+        elif rec.get("status") in ("failed", "diverged"):
             by_rung.setdefault(name, []).append(math.inf)
     for name, losses in by_rung.items():
         if len(losses) == expected[name]:
@@ -381,7 +381,7 @@ def _final_failure(root: Path, cell) -> bool:
     """A cell whose record (of this very config) says it failed: a result of the frontier, not a task. Its
     sweep point counts as diverged, its seed as an infinite loss; rerun it with --force."""
     rec = store.read_record(store.cell_dir(root, cell.matrix, cell.cell_id)) or {}
-    return rec.get("status") == "failed" and rec.get("config_hash") == cell.config_hash
+    return rec.get("status") in ("failed", "diverged") and rec.get("config_hash") == cell.config_hash
 
 
 def _run_once(matrix, cells, root, force, forced, log, nproc, run_cells, phase) -> list[dict[str, Any]]:

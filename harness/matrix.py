@@ -320,7 +320,12 @@ def _resolve(settings: dict[str, Any], where: str) -> TrainConfig:
 def cell_status(root: Path, cell: Cell) -> str:
     """complete | partial (a checkpoint to resume from) | new."""
     directory = store.cell_dir(root, cell.matrix, cell.cell_id)
-    record = store.read_record(directory)
+    try:
+        record = store.read_record(directory)
+    except store.RecordError:
+        if (directory / "checkpoint").exists():
+            return "partial"  # the checkpoint holds the run's state and final measurements: rebuilt by a rerun
+        raise
     if record and record.get("config_hash") != cell.config_hash:
         raise ConfigError(f"{directory}: holds a cell trained with a different config; use another --out "
                           f"or --force to retrain it")
@@ -340,7 +345,7 @@ def _sweep_curves(matrix: Matrix, root: Path) -> dict[tuple[str, int], dict[floa
             continue
         if rec.get("status") == "complete" and rec.get("val_loss") is not None and math.isfinite(rec["val_loss"]):
             loss = float(rec["val_loss"])
-        elif rec.get("status") in ("complete", "failed"):
+        elif rec.get("status") in ("complete", "failed", "diverged"):
             loss = math.inf
         else:
             continue
@@ -582,76 +587,123 @@ def _evaluate_cell(cell: Cell, directory: Path, record: dict[str, Any], log) -> 
     return record
 
 
-def _run_cells(matrix: Matrix, cells: list[Cell], root: Path, force: bool, log, nproc: int, phase: str):
-    from .train.launch import train_distributed
-    from .train.loop import train
+POLL_S = 5.0  # how often a runner looks again at cells other runners hold
 
-    statuses = {}
+
+def _run_cells(matrix: Matrix, cells: list[Cell], root: Path, force: bool, log, nproc: int, phase: str):
+    """Train (or skip, share, or wait for) every cell; returns their records in order. A cell another runner
+    holds a live lease on is waited for (and taken over if its lease dies), so every runner returns with
+    every cell settled and none trained twice (harness.lease)."""
     for cell in cells:  # check every cell before any trains
-        statuses[cell.cell_id] = "new" if force else cell_status(root, cell)
+        if not force:
+            cell_status(root, cell)
     # cells with identical training configs (the same rung listed in two tables) train once; the others share
     # the result, under their own labels
     canonical = {}
     for c in matrix.cells:
         canonical.setdefault(c.config_hash, c)
-    records = []
-    for i, cell in enumerate(cells, 1):
-        directory = store.cell_dir(root, matrix.name, cell.cell_id)
-        status = statuses[cell.cell_id]
-        twin = canonical[cell.config_hash]
-        if twin is not cell and status != "complete":
-            record = _share(matrix, twin, cell, root)
-            log(f"[{phase} {i}/{len(cells)}] {cell.cell_id}: same config as {twin.cell_id}, "
-                + ("shared" if record.get("status") == "complete" else "its twin did not complete"))
-            records.append(record)
-            continue
-        if status == "complete":
-            log(f"[{phase} {i}/{len(cells)}] {cell.cell_id}: complete, skipped")
-            record = store.read_record(directory)
-            if _wants_eval(cell, record):
-                record = _evaluate_cell(cell, directory, record, log)
-            records.append(record)
-            continue
-        log(f"[{phase} {i}/{len(cells)}] {cell.cell_id}: {'resuming' if status == 'partial' else 'training'}")
-        growth_event = None
-        if cell.grow is not None:
-            try:
-                growth_event = _prepare_growth(matrix, cell, root, directory, status, log)
-            except Exception as e:  # noqa: BLE001 - a failed growth is this cell's failure
-                record = {"matrix": matrix.name, "cell_id": cell.cell_id, "label": cell.label, "phase": cell.phase,
-                          "config_hash": cell.config_hash, "status": "failed", "error": f"{type(e).__name__}: {e}"}
-                store.write_record(directory, record)
-                log(f"    failed: {record['error']}")
-                records.append(record)
-                continue
-        base = {**_identity(matrix, cell), "growth_event": growth_event, "git_revision": store.git_revision(),
-                "versions": store.library_versions()}
-        t0 = time.time()
-        try:
-            if nproc > 1:
-                summary = train_distributed(cell.config, directory, nproc, resume=not force,
-                                            log_path=directory / "torchrun.log")
+    records: dict[str, dict[str, Any]] = {}
+    pending = list(enumerate(cells, 1))
+    forced = set()
+    waiting_logged = False
+    while pending:
+        held = []
+        for i, cell in pending:
+            tag = f"[{phase} {i}/{len(cells)}] {cell.cell_id}"
+            record = _settle_cell(matrix, cell, canonical[cell.config_hash], root,
+                                  force and cell.cell_id not in forced, log, nproc, tag)
+            forced.add(cell.cell_id)
+            if record is None:
+                held.append((i, cell))
             else:
-                summary = train(cell.config, directory, resume=not force)
-        except KeyboardInterrupt:
-            store.write_record(directory, {**base, "status": "interrupted", "started_at": t0})
-            raise
-        except Exception as e:  # one cell failing must not lose the others
-            record = {**base, "status": "failed", "error": f"{type(e).__name__}: {e}",
-                      "traceback": traceback.format_exc(limit=5), "started_at": t0}
-            store.write_record(directory, record)
-            log(f"    failed: {record['error']}")
-            records.append(record)
-            continue
-        record = {**base, **summary, "status": "complete" if summary["complete"] else "partial",
-                  "started_at": t0, "finished_at": time.time()}
-        store.write_record(directory, record)
+                records[cell.cell_id] = record
+        if held:
+            if not waiting_logged:
+                log(f"    waiting for {len(held)} cell(s) held by other runners")
+                waiting_logged = True
+            time.sleep(POLL_S)
+        pending = held
+    return [records[c.cell_id] for c in cells]
+
+
+def _settle_cell(matrix: Matrix, cell: Cell, twin: Cell, root: Path, force: bool, log, nproc: int,
+                 tag: str) -> dict[str, Any] | None:
+    """One cell's record: trained here, already complete, shared from its twin, or None while another
+    runner holds it."""
+    from . import lease as _lease
+    directory = store.cell_dir(root, matrix.name, cell.cell_id)
+    status = "new" if force else cell_status(root, cell)
+    if twin is not cell and status != "complete":
+        if cell_status(root, twin) != "complete" and _lease.alive(_lease.read(
+                store.cell_dir(root, matrix.name, twin.cell_id))):
+            return None  # its twin is training elsewhere
+        record = _share(matrix, twin, cell, root)
+        log(f"{tag}: same config as {twin.cell_id}, "
+            + ("shared" if record.get("status") == "complete" else "its twin did not complete"))
+        return record
+    if status == "complete":
+        log(f"{tag}: complete, skipped")
+        record = store.read_record(directory)
         if _wants_eval(cell, record):
             record = _evaluate_cell(cell, directory, record, log)
-        records.append(record)
-        log(f"    val loss {record.get('val_loss', float('nan')):.4f}  bpb {record.get('val_bpb', float('nan')):.3f}  "
-            f"{record['tokens']:.3g} tokens  {record['wall_time_s']:.0f}s")
-    return records
+        return record
+    held = _lease.claim(directory)
+    if held is None:
+        return None
+    try:
+        if not force and cell_status(root, cell) == "complete":  # finished by another runner meanwhile
+            return store.read_record(directory)
+        status = "new" if force else cell_status(root, cell)
+        log(f"{tag}: {'resuming' if status == 'partial' else 'training'}")
+        return _train_cell(matrix, cell, directory, root, status, force, log, nproc)
+    finally:
+        held.release()
+
+
+def _train_cell(matrix: Matrix, cell: Cell, directory: Path, root: Path, status: str, force: bool, log,
+                nproc: int) -> dict[str, Any]:
+    from .train.launch import train_distributed
+    from .train.loop import Diverged, train
+    growth_event = None
+    if cell.grow is not None:
+        try:
+            growth_event = _prepare_growth(matrix, cell, root, directory, status, log)
+        except Exception as e:  # noqa: BLE001 - a failed growth is this cell's failure
+            record = {**_identity(matrix, cell), "status": "failed", "error": f"{type(e).__name__}: {e}"}
+            store.write_record(directory, record)
+            log(f"    failed: {record['error']}")
+            return record
+    base = {**_identity(matrix, cell), "growth_event": growth_event, "git_revision": store.git_revision(),
+            "versions": store.library_versions()}
+    t0 = time.time()
+    try:
+        if nproc > 1:
+            summary = train_distributed(cell.config, directory, nproc, resume=not force,
+                                        log_path=directory / "torchrun.log")
+        else:
+            summary = train(cell.config, directory, resume=not force)
+    except KeyboardInterrupt:
+        store.write_record(directory, {**base, "status": "interrupted", "started_at": t0})
+        raise
+    except Diverged as e:  # a result, not a crash: recorded with its step; never joins a mean
+        record = {**base, "status": "diverged", "diverged_at_step": e.step, "error": str(e), "started_at": t0}
+        store.write_record(directory, record)
+        log(f"    diverged: {e}")
+        return record
+    except Exception as e:  # one cell failing must not lose the others
+        record = {**base, "status": "failed", "error": f"{type(e).__name__}: {e}",
+                  "traceback": traceback.format_exc(limit=5), "started_at": t0}
+        store.write_record(directory, record)
+        log(f"    failed: {record['error']}")
+        return record
+    record = {**base, **summary, "status": "complete" if summary["complete"] else "partial",
+              "started_at": t0, "finished_at": time.time()}
+    store.write_record(directory, record)
+    if _wants_eval(cell, record):
+        record = _evaluate_cell(cell, directory, record, log)
+    log(f"    val loss {record.get('val_loss', float('nan')):.4f}  bpb {record.get('val_bpb', float('nan')):.3f}  "
+        f"{record['tokens']:.3g} tokens  {record['wall_time_s']:.0f}s")
+    return record
 
 
 def _identity(matrix: Matrix, cell: Cell) -> dict[str, Any]:

@@ -63,11 +63,22 @@ def cell_dir(root: Path, matrix: str, cell_id: str) -> Path:
     return Path(root) / matrix / cell_id
 
 
+class RecordError(ValueError):
+    """A record.json that is not a JSON object; the message names the file."""
+
+
 def read_record(directory: Path) -> dict[str, Any] | None:
     path = Path(directory) / RECORD
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RecordError(f"{path}: unreadable record ({type(e).__name__}: {e}); delete it to rebuild it from "
+                          f"the cell's checkpoint, or retrain the cell with --force") from None
+    if not isinstance(rec, dict):
+        raise RecordError(f"{path}: not a JSON object")
+    return rec
 
 
 def write_record(directory: Path, record: dict[str, Any]) -> None:

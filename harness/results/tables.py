@@ -103,7 +103,12 @@ def _lr_cell(store: Store, run: Run) -> str:
 def _summary_columns(store: Store, runs: list[Run]) -> dict[str, str]:
     loss_m, loss_h = stats.mean_ci([r.val_loss for r in runs])
     bpb_m, bpb_h = stats.mean_ci([r.val_bpb for r in runs])
-    out = {"seeds": str(len(runs)), "val loss": stats.fmt_ci(loss_m, loss_h), "bits/byte": stats.fmt_ci(bpb_m, bpb_h, 3)}
+    first = runs[0]
+    cells = sum(r.phase == "main" and r.matrix == first.matrix and r.label == first.label
+                and r.budget_index == first.budget_index for r in store.runs)
+    # a seed that diverged or failed is not silently dropped: "2 of 3" (and the run is in 'Flagged runs')
+    seeds = str(len(runs)) if cells <= len(runs) else f"{len(runs)} of {cells}"
+    out = {"seeds": seeds, "val loss": stats.fmt_ci(loss_m, loss_h), "bits/byte": stats.fmt_ci(bpb_m, bpb_h, 3)}
     tokens = {r.val_tokens for r in runs}
     full = {r.val_full for r in runs}
     out["val tokens scored"] = (human(next(iter(tokens))) if len(tokens) == 1 else "varies") + \
@@ -352,6 +357,28 @@ def zero_shot_section(store: Store) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- every cell
+def flagged_section(store: Store) -> list[str]:
+    """Every run that did not end as a usable result: diverged (with its step), failed, interrupted or partial,
+    and complete runs whose final validation loss is at or above ln(vocabulary) -- no better than the uniform
+    guess a model starts from. None of them joins a mean."""
+    rows = []
+    for r in store.runs:
+        vocab = ((r.raw.get("model_config") or {}).get("vocab_size")) or 0
+        worse = r.complete and vocab and r.val_loss >= math.log(vocab)
+        if r.complete and not worse:
+            continue
+        why = {"diverged": f"diverged at step {r.raw.get('diverged_at_step')}",
+               "failed": f"failed: {str(r.raw.get('error', ''))[:80]}"}.get(r.status, r.status)
+        if worse:
+            why = f"val loss {r.val_loss:.3f} ≥ ln(vocab {vocab}) = {math.log(vocab):.3f}: no better than its start"
+        rows.append({"matrix": r.matrix, "cell": r.cell_id, "phase": r.phase, "what": why})
+    if not rows:
+        return []
+    return ["## Flagged runs", "", "Runs that are not a usable result; none of them is in any mean or test above "
+            "(a table's 'seeds' says 'k of n' where one is missing).", "", pd.DataFrame(rows).to_markdown(index=False),
+            ""]
+
+
 def every_cell_section(store: Store) -> list[str]:
     lines = ["## Every cell", ""]
     main = [r for r in store.runs if r.phase == "main"]

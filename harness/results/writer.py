@@ -75,6 +75,7 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Path:
              f"({sum(r.phase == 'main' for r in store.runs)} evaluation runs, "
              f"{sum(r.phase == 'sweep' for r in store.runs)} sweep runs).", ""]
     lines += _data_note(store)
+    lines += tables.flagged_section(store)
     verdicts: list[dict[str, Any]] = []
     for matrix in store.matrices:
         section, rows = tables.waterfall_section(store, matrix)

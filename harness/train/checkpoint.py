@@ -6,8 +6,11 @@ A checkpoint is a directory:
     rng.safetensors        torch CPU / CUDA generator states (byte tensors)
     state.json             step, data position, optimizer param groups and non-tensor state, Python and
                            NumPy RNG states, the resolved run config and model config
-It is written into a temporary sibling and renamed into place, so a crash mid-write leaves the previous
-checkpoint intact and never a half one.
+It is written into a temporary sibling (``checkpoint.tmp``, state.json last: a directory with every file is
+complete) and renamed into place; the previous one is moved aside to ``checkpoint.old`` first. A crash
+mid-write leaves the previous checkpoint intact and never a half one, and a crash between the two renames
+leaves both complete directories aside: ``recover`` (run before every resume) puts the newest complete one
+back, so the newest complete checkpoint is never ignored.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from .. import faults
 
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 
@@ -118,9 +123,32 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.replace(path, old)
+        faults.point("checkpoint_renamed_old")
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _complete(path: Path) -> bool:
+    return path.is_dir() and all((path / f).is_file() for f in FILES)
+
+
+def recover(path: str | Path) -> Path | None:
+    """Make ``path`` the newest complete checkpoint after an interrupted save: when it is missing, the
+    complete ``.tmp`` (the newer save) or else the complete ``.old`` (the previous one) is renamed into place.
+    Returns the checkpoint directory, or None when there is no complete checkpoint."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    if not path.exists():
+        for candidate in (tmp, old):
+            if _complete(candidate):
+                os.replace(candidate, path)
+                break
+    if path.exists():
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        return path
+    return None
 
 
 def read_state(path: str | Path) -> dict[str, Any]:
@@ -161,6 +189,10 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     optim_sd: dict[str, Any] = {"state": {}, "param_groups": []}
     if is_main or not distributed:
         model_sd = read_model_tensors(path)
+        bad = [k for k, v in model_sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise CheckpointError(f"{path / 'model.safetensors'}: non-finite weights in {bad[0]}"
+                                  + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
         expected = set(k for k in _unwrapped_state_keys(model))
         missing, unexpected = sorted(expected - set(model_sd)), sorted(set(model_sd) - expected)
         if missing or unexpected:

@@ -27,9 +27,10 @@ from models import registry
 from models.pattention import scale_tokens_of
 
 from .. import data as data_lib
+from .. import faults
 from ..config import ConfigError, TrainConfig
 from . import distributed
-from .checkpoint import load_checkpoint, read_state, save_checkpoint
+from .checkpoint import load_checkpoint, read_state, recover, save_checkpoint
 from .distributed import DistInfo, all_reduce_sum
 from .validate import autocast as _autocast
 from .validate import evaluate
@@ -37,6 +38,31 @@ from .optim import build_optimizer, lr_at, no_decay_names
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
+# what a resume must not change: every field that changes the trained weights (not how often it logs,
+# checkpoints or evaluates, where it runs, or what is measured afterwards)
+RESUME_FIELDS = ("model", "preset", "model_overrides", "data", "seq_len", "batch_size", "micro_batch_size",
+                 "budget", "optim", "schedule", "seed", "precision")
+
+
+class Diverged(FloatingPointError):
+    """A non-finite loss or gradient norm: the run stops before the optimizer applies it, so no checkpoint
+    ever holds a diverged state."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float):
+        super().__init__(f"diverged at step {step}: loss {loss}, gradient norm {grad_norm}")
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+
+
+def check_resume_config(saved: dict[str, Any], cfg: TrainConfig, where: Path) -> None:
+    """Refuse to continue a checkpoint under a config that trains differently (one line naming the field)."""
+    now = asdict(cfg)
+    for name in RESUME_FIELDS:
+        old, new = saved.get(name), json.loads(json.dumps(now.get(name), default=str))
+        if name == "data" and isinstance(old, dict) and isinstance(new, dict):
+            old, new = ({k: v for k, v in d.items() if k != "cache_dir"} for d in (old, new))  # where, not what
+        if name in saved and old != new:
+            raise ConfigError(f"{where}: holds a run with a different {name} ({old!r}, now {new!r}); resume it "
+                              f"with its own config, or start over with --restart, or use another --out")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -143,9 +169,14 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
     # run_start: the step this run started at (non-zero when a grown checkpoint continues its base's schedule);
     # this run's tokens and FLOPs count from there
     start_step, wall_before, data_offset, flops_offset, lineage, run_start = 0, 0.0, 0, 0.0, [], 0
+    resumed_state: dict[str, Any] = {}
     init_dir = None
+    if resume and info.is_main:
+        recover(ckpt_dir)  # an interrupted save: put the newest complete checkpoint back in place
+    distributed.barrier(info)
     if resume and ckpt_dir.exists():
         init_dir = ckpt_dir
+        check_resume_config(read_state(ckpt_dir).get("config") or {}, cfg, ckpt_dir)
     elif cfg.init_from:
         init_dir = Path(cfg.init_from)
     if init_dir is not None:
@@ -158,6 +189,7 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
         if own:  # resuming this run
             wall_before, flops_offset = state.get("wall_time", 0.0), state.get("flops_offset", 0.0)
             run_start = state.get("run_start", 0)
+            resumed_state = state
             if info.is_main:
                 _truncate_metrics(metrics_path, start_step)
         else:  # a new run from another run's (e.g. grown) checkpoint: its compute counts as spent before
@@ -193,6 +225,7 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
     bar = _progress(cfg.progress and info.is_main, start_step, steps, f"{cfg.model}/{cfg.preset}")
     train_loss, bar_rate = float("nan"), "-"
     fault = _fault_injection(info)
+    nan_at = faults.nan_step()
     metrics = open(metrics_path, "a") if info.is_main else None
     try:
         for step in range(start_step, end_step):
@@ -211,14 +244,18 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) * (micro / rows)
                 loss.backward()
                 loss_sum += loss.item()
+            if nan_at is not None and step + 1 == nan_at:
+                for p in wrapped.parameters():
+                    if p.grad is not None:
+                        p.grad.fill_(float("nan"))
             grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.optim.grad_clip)
             grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             if info.enabled:
                 loss_sum = all_reduce_sum([loss_sum], info, device)[0] / info.world_size
-            if not math.isfinite(loss_sum):
-                raise FloatingPointError(f"loss became {loss_sum} at step {step + 1}")
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                raise Diverged(step + 1, loss_sum, grad_norm)  # before the step: no state of it is ever saved
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             train_loss = loss_sum
             window_loss, window_n, window_tokens = window_loss + loss_sum, window_n + 1, window_tokens + tokens_per_step
             done = step + 1
@@ -261,8 +298,14 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
                     "pattention_scale_tokens": scale_tokens_of(model),
                     "wall_time": wall_before + time.perf_counter() - run_t0,
                     "world_size": info.world_size, "config": asdict(cfg), "model_name": cfg.model,
-                    "model_config": model_cfg.to_dict()}, is_main=info.is_main)
+                    "model_config": model_cfg.to_dict(),
+                    # the final checkpoint carries the final measurements, so a record can always be rebuilt
+                    # from it (a kill after this save and before the record is written loses nothing)
+                    **({"final_eval": last_eval, "final_train_loss": train_loss} if done == steps else {})},
+                    is_main=info.is_main)
                 distributed.barrier(info)
+                if done == steps:
+                    faults.point("after_final_checkpoint")
     finally:
         if metrics is not None:
             metrics.close()
@@ -271,6 +314,13 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
         if writer is not None:
             writer.close()
     done = end_step
+    if start_step >= steps and not last_eval:
+        # nothing left to train: the run finished before; its final measurements come from the checkpoint
+        last_eval = dict(resumed_state.get("final_eval") or {})
+        train_loss = resumed_state.get("final_train_loss", train_loss)
+        if not last_eval:  # a checkpoint written before final measurements were kept: measure again
+            last_eval = evaluate(wrapped, dataset, seq_len, cfg.batch_size, micro, cfg.eval_batches, device,
+                                 amp_dtype, info, full=True)
     wall = wall_before + time.perf_counter() - run_t0
     spent = (done - run_start) * tokens_per_step
     summary.update({"steps": done, "tokens": spent, "flops": spent * flops_per_token,
@@ -305,8 +355,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
     if not path.exists():
         return
-    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-    path.write_text("".join(l + "\n" for l in lines))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by a kill mid-write: it is logged again from the checkpoint
+    path.write_text("".join(l + "\n" for l in kept))
 
 
 def _progress(enabled: bool, start: int, total: int, desc: str):
