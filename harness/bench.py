@@ -168,6 +168,20 @@ def device_memory_bytes(device: torch.device) -> tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
 
 
+def _check_cpu_rows(cells, seq_lens, batch_sizes, dtype: str, memory: tuple[int, str]) -> None:
+    """Refuse a (model, preset, seq_len, batch) whose estimated training-step memory (harness.preflight, a low
+    estimate) exceeds the memory available."""
+    from .preflight import memory_message, training_memory_bytes
+    for name, p in cells:
+        base = registry.get_config(name, p)
+        for seq in seq_lens:
+            cfg = registry.get_config(name, p, **({"max_seq_len": seq} if seq > base.max_seq_len else {}))
+            for batch in batch_sizes:
+                why = memory_message(training_memory_bytes(cfg, seq, batch, 2 if dtype == "bf16" else 4), memory)
+                if why:
+                    raise BenchError(f"--seq-len {seq} x --batch-size {batch}: a training step of {name}/{p} {why}")
+
+
 def make_spec(model=None, preset=None, seq_len=None, batch_size=None, decode_batch=None, decode_tokens=None,
               repeats=None, warmup=None, device="auto", dtype="auto", compile=False, out=None, sweep=False,
               backend="auto") -> BenchSpec:
@@ -222,10 +236,16 @@ def make_spec(model=None, preset=None, seq_len=None, batch_size=None, decode_bat
     warmup = single(warmup, "--warmup", 0, defaults["warmup"])
     if compile:  # the first call compiles: never time it
         warmup = max(warmup, 1)
+    seq_lens = seq_lens or list(defaults["seq_lens"])
+    batch_sizes = _ints(batch_size, "--batch-size", 1) or list(defaults["batch_sizes"])
+    if dev.type == "cpu":
+        # on CUDA a row that runs out of memory is caught and recorded as "OOM" (a result); on the CPU the
+        # kernel's OOM killer ends the whole bench instead, so a row that cannot fit is refused up front
+        _check_cpu_rows(cells, seq_lens, batch_sizes, dtype, (memory, what))
     return BenchSpec(
         cells=cells,
-        seq_lens=seq_lens or list(defaults["seq_lens"]),
-        batch_sizes=_ints(batch_size, "--batch-size", 1) or list(defaults["batch_sizes"]),
+        seq_lens=seq_lens,
+        batch_sizes=batch_sizes,
         decode_batches=_ints(decode_batch, "--decode-batch", 1) or list(defaults["decode_batches"]),
         decode_tokens=single(decode_tokens, "--decode-tokens", 1, defaults["decode_tokens"]),
         repeats=repeats, warmup=warmup,

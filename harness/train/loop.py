@@ -39,9 +39,10 @@ from .optim import build_optimizer, lr_at, no_decay_names
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
 # what a resume must not change: every field that changes the trained weights (not how often it logs,
-# checkpoints or evaluates, where it runs, or what is measured afterwards)
-RESUME_FIELDS = ("model", "preset", "model_overrides", "data", "seq_len", "batch_size", "micro_batch_size",
-                 "budget", "optim", "schedule", "seed", "precision")
+# checkpoints, or evaluates, where it runs, or how a global batch is split into micro-batches and ranks: a
+# checkpoint resumes on any world size)
+RESUME_FIELDS = ("model", "preset", "model_overrides", "data", "seq_len", "batch_size", "budget", "optim",
+                 "schedule", "seed", "precision")
 
 
 class Diverged(FloatingPointError):
