@@ -343,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except FloatingPointError as e:  # harness.train.loop.Diverged: a result of the run, not bad input
+        print(f"harness: {e} (no checkpoint holds the diverged state)", file=sys.stderr)
+        return 1
     except (registry.UnknownModelError, ValueError, FileNotFoundError, RankFailure) as e:
         # ConfigError, DataError and CheckpointError are ValueErrors: one line naming the field or file
         print(f"harness: error: {e}", file=sys.stderr)

@@ -323,7 +323,8 @@ def cell_status(root: Path, cell: Cell) -> str:
     try:
         record = store.read_record(directory)
     except store.RecordError:
-        if (directory / "checkpoint").exists():
+        from .train.checkpoint import has_checkpoint
+        if has_checkpoint(directory):
             return "partial"  # the checkpoint holds the run's state and final measurements: rebuilt by a rerun
         raise
     if record and record.get("config_hash") != cell.config_hash:
@@ -331,7 +332,8 @@ def cell_status(root: Path, cell: Cell) -> str:
                           f"or --force to retrain it")
     if record and record.get("status") == "complete":
         return "complete"
-    return "partial" if (directory / "checkpoint").exists() else "new"
+    from .train.checkpoint import has_checkpoint
+    return "partial" if has_checkpoint(directory) else "new"
 
 
 def _sweep_curves(matrix: Matrix, root: Path) -> dict[tuple[str, int], dict[float, dict[str, Any]]]:
@@ -604,16 +606,17 @@ def _run_cells(matrix: Matrix, cells: list[Cell], root: Path, force: bool, log, 
         canonical.setdefault(c.config_hash, c)
     records: dict[str, dict[str, Any]] = {}
     pending = list(enumerate(cells, 1))
-    forced = set()
+    forced, seen_held, in_call = set(), set(), {c.cell_id for c in cells}
     waiting_logged = False
     while pending:
         held = []
         for i, cell in pending:
             tag = f"[{phase} {i}/{len(cells)}] {cell.cell_id}"
             record = _settle_cell(matrix, cell, canonical[cell.config_hash], root,
-                                  force and cell.cell_id not in forced, log, nproc, tag)
+                                  force and cell.cell_id not in forced, log, nproc, tag, seen_held, in_call)
             forced.add(cell.cell_id)
             if record is None:
+                seen_held.add(cell.cell_id)
                 held.append((i, cell))
             else:
                 records[cell.cell_id] = record
@@ -626,17 +629,40 @@ def _run_cells(matrix: Matrix, cells: list[Cell], root: Path, force: bool, log, 
     return [records[c.cell_id] for c in cells]
 
 
+def _final_record(root: Path, cell: Cell) -> dict[str, Any] | None:
+    """The cell's record when it is a final result of this very config (complete, failed or diverged)."""
+    try:
+        rec = store.read_record(store.cell_dir(root, cell.matrix, cell.cell_id)) or {}
+    except store.RecordError:
+        return None
+    if rec.get("config_hash") == cell.config_hash and rec.get("status") in ("complete", "failed", "diverged"):
+        return rec
+    return None
+
+
+def _busy(root: Path, matrix: Matrix, other: Cell, in_call: set[str]) -> bool:
+    """Whether ``other`` (a twin or a growth base) is still to be settled: held by a live runner, or pending in
+    this very call."""
+    from . import lease as _lease
+    if _final_record(root, other) is not None:
+        return False
+    return other.cell_id in in_call or _lease.alive(_lease.read(store.cell_dir(root, matrix.name, other.cell_id)))
+
+
 def _settle_cell(matrix: Matrix, cell: Cell, twin: Cell, root: Path, force: bool, log, nproc: int,
-                 tag: str) -> dict[str, Any] | None:
-    """One cell's record: trained here, already complete, shared from its twin, or None while another
-    runner holds it."""
+                 tag: str, seen_held: set[str] = frozenset(), in_call: set[str] = frozenset()) -> dict[str, Any] | None:
+    """One cell's record: trained here, already complete, shared from its twin, settled by the runner that
+    held it, or None while another runner holds it (or its twin or growth base is still to be settled)."""
     from . import lease as _lease
     directory = store.cell_dir(root, matrix.name, cell.cell_id)
+    if cell.cell_id in seen_held and not force:
+        final = _final_record(root, cell)
+        if final is not None:  # the runner that held it settled it (even as failed): never trained twice
+            return final
     status = "new" if force else cell_status(root, cell)
     if twin is not cell and status != "complete":
-        if cell_status(root, twin) != "complete" and _lease.alive(_lease.read(
-                store.cell_dir(root, matrix.name, twin.cell_id))):
-            return None  # its twin is training elsewhere
+        if _busy(root, matrix, twin, in_call - {cell.cell_id}):
+            return None  # its twin is training here or elsewhere: share its result once it is settled
         record = _share(matrix, twin, cell, root)
         log(f"{tag}: same config as {twin.cell_id}, "
             + ("shared" if record.get("status") == "complete" else "its twin did not complete"))
@@ -647,7 +673,12 @@ def _settle_cell(matrix: Matrix, cell: Cell, twin: Cell, root: Path, force: bool
         if _wants_eval(cell, record):
             record = _evaluate_cell(cell, directory, record, log)
         return record
-    held = _lease.claim(directory)
+    if cell.grow is not None:
+        base = next((c for c in matrix.main_cells if c.label == cell.grow["from"] and c.config.seed == cell.config.seed),
+                    None)
+        if base is not None and _busy(root, matrix, base, in_call - {cell.cell_id}):
+            return None  # its base is training here or elsewhere: grow from it once it is complete
+    held = _lease.claim(directory, pid_rule=nproc <= 1)
     if held is None:
         return None
     try:
@@ -655,13 +686,17 @@ def _settle_cell(matrix: Matrix, cell: Cell, twin: Cell, root: Path, force: bool
             return store.read_record(directory)
         status = "new" if force else cell_status(root, cell)
         log(f"{tag}: {'resuming' if status == 'partial' else 'training'}")
-        return _train_cell(matrix, cell, directory, root, status, force, log, nproc)
+        return _train_cell(matrix, cell, directory, root, status, force, log, nproc, held)
+    except _lease.LeaseLost:
+        log(f"{tag}: taken over by another runner (this one was presumed dead); waiting for its result")
+        return None
     finally:
         held.release()
 
 
 def _train_cell(matrix: Matrix, cell: Cell, directory: Path, root: Path, status: str, force: bool, log,
-                nproc: int) -> dict[str, Any]:
+                nproc: int, held=None) -> dict[str, Any]:
+    from .lease import LeaseLost
     from .train.launch import train_distributed
     from .train.loop import Diverged, train
     growth_event = None
@@ -676,15 +711,25 @@ def _train_cell(matrix: Matrix, cell: Cell, directory: Path, root: Path, status:
     base = {**_identity(matrix, cell), "growth_event": growth_event, "git_revision": store.git_revision(),
             "versions": store.library_versions()}
     t0 = time.time()
+    if force:
+        # the old record must not outlive the run that replaces it: a kill mid-retrain leaves a partial cell,
+        # never a "complete" record over a half-trained checkpoint
+        (directory / store.RECORD).unlink(missing_ok=True)
     try:
         if nproc > 1:
             summary = train_distributed(cell.config, directory, nproc, resume=not force,
                                         log_path=directory / "torchrun.log")
         else:
-            summary = train(cell.config, directory, resume=not force)
+            summary = train(cell.config, directory, resume=not force, guard=held.check if held else None)
+        if held is not None:
+            held.check()  # taken over while training: the new holder writes the record, not this runner
     except KeyboardInterrupt:
         store.write_record(directory, {**base, "status": "interrupted", "started_at": t0})
         raise
+    except LeaseLost:
+        raise  # another runner owns the cell now (harness.lease): nothing of this attempt is recorded
+    except ConfigError:
+        raise  # the request is wrong (e.g. a checkpoint of another config): one line, exit 2, nothing recorded
     except Diverged as e:  # a result, not a crash: recorded with its step; never joins a mean
         record = {**base, "status": "diverged", "diverged_at_step": e.step, "error": str(e), "started_at": t0}
         store.write_record(directory, record)

@@ -103,6 +103,17 @@ def _read_curve(path: Path) -> tuple:
     return tuple(points)
 
 
+def start_loss(r: Run) -> float | None:
+    """ln V of the vocabulary the tokenizer uses (not the padded embedding): a uniform guess's loss."""
+    vocab = (r.raw.get("dataset") or {}).get("vocab_size") or (r.raw.get("model_config") or {}).get("vocab_size")
+    return math.log(vocab) if vocab else None
+
+
+def no_better_than_start(r: Run) -> bool:
+    start = start_loss(r)
+    return bool(r.complete and start is not None and r.val_loss >= start)
+
+
 def run_from_record(directory: Path, rec: dict[str, Any]) -> Run:
     g = rec.get
     return Run(
@@ -150,7 +161,10 @@ class Store:
         return pd.DataFrame(rows)
 
     def main(self, matrix: str | None = None) -> list[Run]:
-        return [r for r in self.runs if r.phase == "main" and r.complete and (matrix is None or r.matrix == matrix)]
+        """The usable evaluation runs: complete, and better than the uniform guess a model starts from (a run
+        that ends at or above ln V learned nothing; it is listed under 'Flagged runs' instead)."""
+        return [r for r in self.runs if r.phase == "main" and r.complete and not no_better_than_start(r)
+                and (matrix is None or r.matrix == matrix)]
 
     @property
     def matrices(self) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from .. import stats
-from .load import Run, Store
+from .load import Run, Store, no_better_than_start, start_loss
 
 REFERENCE_MODEL = "tokenformer"
 
@@ -363,14 +363,13 @@ def flagged_section(store: Store) -> list[str]:
     guess a model starts from. None of them joins a mean."""
     rows = []
     for r in store.runs:
-        vocab = ((r.raw.get("model_config") or {}).get("vocab_size")) or 0
-        worse = r.complete and vocab and r.val_loss >= math.log(vocab)
+        worse = no_better_than_start(r)
         if r.complete and not worse:
             continue
         why = {"diverged": f"diverged at step {r.raw.get('diverged_at_step')}",
                "failed": f"failed: {str(r.raw.get('error', ''))[:80]}"}.get(r.status, r.status)
         if worse:
-            why = f"val loss {r.val_loss:.3f} ≥ ln(vocab {vocab}) = {math.log(vocab):.3f}: no better than its start"
+            why = f"val loss {r.val_loss:.3f} ≥ ln V = {start_loss(r):.3f}: no better than a uniform guess"
         rows.append({"matrix": r.matrix, "cell": r.cell_id, "phase": r.phase, "what": why})
     if not rows:
         return []

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import faults
+from ..store import write_text_atomic
 
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 
@@ -118,19 +119,48 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng_tensors, rng_plain = _rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_plain, "rng": rng_plain}, indent=1))
+    for name in FILES[:3]:
+        _fsync(tmp / name)
+    # state.json last and atomically: a directory holding a parseable state.json is a complete checkpoint
+    write_text_atomic(tmp / "state.json", json.dumps({**state, "optimizer": opt_plain, "rng": rng_plain}, indent=1))
+    _fsync(tmp)
     old = path.with_name(path.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.replace(path, old)
         faults.point("checkpoint_renamed_old")
     os.replace(tmp, path)
+    _fsync(path.parent)  # the renames themselves are durable before the previous checkpoint goes
     shutil.rmtree(old, ignore_errors=True)
     return path
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's contents to disk (directories: their entries, i.e. renames)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory
+    finally:
+        os.close(fd)
+
+
 def _complete(path: Path) -> bool:
-    return path.is_dir() and all((path / f).is_file() for f in FILES)
+    """Every file present and state.json parseable (it is written last)."""
+    return _step(path) is not None
+
+
+def _step(path: Path) -> int | None:
+    if not (path.is_dir() and all((path / f).is_file() for f in FILES)):
+        return None
+    try:
+        return int(json.loads((path / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def recover(path: str | Path) -> Path | None:
@@ -139,16 +169,30 @@ def recover(path: str | Path) -> Path | None:
     Returns the checkpoint directory, or None when there is no complete checkpoint."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    if not path.exists():
-        for candidate in (tmp, old):
-            if _complete(candidate):
-                os.replace(candidate, path)
-                break
-    if path.exists():
+    current = _step(path)
+    # the newest complete one of the three wins (a complete .tmp beside an older checkpoint: killed after
+    # the new save finished and before the renames)
+    best = max(((s, c) for c, s in ((tmp, _step(tmp)), (old, _step(old)), (path, current)) if s is not None),
+               key=lambda sc: sc[0], default=None)
+    if best is not None and best[1] != path:
+        older = path.with_name(path.name + ".older")
+        if current is not None:
+            os.replace(path, older)  # a complete but older checkpoint steps aside until the newer is in place
+        elif path.exists():
+            shutil.rmtree(path, ignore_errors=True)  # an incomplete one
+        os.replace(best[1], path)
+        shutil.rmtree(older, ignore_errors=True)
+    if _step(path) is not None:
         for leftover in (tmp, old):
             shutil.rmtree(leftover, ignore_errors=True)
         return path
     return None
+
+
+def has_checkpoint(run_dir: str | Path, name: str = "checkpoint") -> bool:
+    """A complete checkpoint in place, or one an interrupted save left aside (recover() puts it back)."""
+    base = Path(run_dir) / name
+    return any(_complete(p) for p in (base, base.with_name(name + ".tmp"), base.with_name(name + ".old")))
 
 
 def read_state(path: str | Path) -> dict[str, Any]:

@@ -63,7 +63,8 @@ def check_resume_config(saved: dict[str, Any], cfg: TrainConfig, where: Path) ->
             old, new = ({k: v for k, v in d.items() if k != "cache_dir"} for d in (old, new))  # where, not what
         if name in saved and old != new:
             raise ConfigError(f"{where}: holds a run with a different {name} ({old!r}, now {new!r}); resume it "
-                              f"with its own config, or start over with --restart, or use another --out")
+                              f"with its own config, or start over (harness train --restart, harness run "
+                              f"--force), or use another --out")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -120,21 +121,22 @@ def environment() -> dict[str, Any]:
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, max_steps_this_run: int | None = None,
-          on_log: Callable[[dict], None] | None = None) -> dict[str, Any]:
+          on_log: Callable[[dict], None] | None = None, guard: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train ``cfg`` into ``out_dir`` (metrics.jsonl, checkpoint/). Returns a summary of what was spent and
     reached. ``max_steps_this_run`` stops early without a final checkpoint, as a killed run would.
-    Under torchrun it runs data-parallel (cfg.parallel); rank 0 alone writes."""
+    Under torchrun it runs data-parallel (cfg.parallel); rank 0 alone writes. ``guard()`` runs before every
+    checkpoint save and may raise to stop the run without writing (a matrix runner whose lease was taken over)."""
     cfg.validate()
     joined_here = not torch.distributed.is_initialized()
     info, device_spec = distributed.setup(cfg.device)
     try:
-        return _train(cfg, Path(out_dir), resume, max_steps_this_run, on_log, info, device_spec)
+        return _train(cfg, Path(out_dir), resume, max_steps_this_run, on_log, info, device_spec, guard)
     finally:
         if joined_here:
             distributed.teardown(info)
 
 
-def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, device_spec) -> dict[str, Any]:
+def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, device_spec, guard=None) -> dict[str, Any]:
     device = resolve_device(device_spec)
     amp_dtype = autocast_dtype(cfg, device)
     mode = distributed.resolve_mode(cfg.parallel, info)
@@ -292,6 +294,8 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=bar_rate, refresh=False)
             if done % cfg.checkpoint_every == 0 or done == steps:
+                if guard is not None:
+                    guard()
                 save_checkpoint(ckpt_dir, wrapped, optimizer, {
                     "step": done, "data_position": data_offset + done, "flops_offset": flops_offset,
                     "flops_spent": (done - run_start) * tokens_per_step * flops_per_token, "run_start": run_start,
@@ -302,7 +306,11 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
                     "model_config": model_cfg.to_dict(),
                     # the final checkpoint carries the final measurements, so a record can always be rebuilt
                     # from it (a kill after this save and before the record is written loses nothing)
-                    **({"final_eval": last_eval, "final_train_loss": train_loss} if done == steps else {})},
+                    **({"final_eval": last_eval, "final_train_loss": train_loss,
+                        "final_tokens_per_s": (done - start_step) * tokens_per_step
+                        / max(time.perf_counter() - run_t0, 1e-9) if done > start_step else None,
+                        "final_peak_memory_bytes": peak_memory_bytes(device),
+                        "init_val_loss": init_eval.get("val_loss")} if done == steps else {})},
                     is_main=info.is_main)
                 distributed.barrier(info)
                 if done == steps:
@@ -319,6 +327,8 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
         # nothing left to train: the run finished before; its final measurements come from the checkpoint
         last_eval = dict(resumed_state.get("final_eval") or {})
         train_loss = resumed_state.get("final_train_loss", train_loss)
+        if resumed_state.get("init_val_loss") is not None:
+            init_eval = {"val_loss": resumed_state["init_val_loss"]}
         if not last_eval:  # a checkpoint written before final measurements were kept: measure again
             last_eval = evaluate(wrapped, dataset, seq_len, cfg.batch_size, micro, cfg.eval_batches, device,
                                  amp_dtype, info, full=True)
@@ -333,6 +343,11 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
                     "complete": done >= steps, "resumed_from_step": start_step or None,
                     "dataset": dataset.meta_summary(), "environment": environment()})
     summary.update({k: v for k, v in last_eval.items()})
+    if start_step >= steps and resumed_state.get("final_tokens_per_s"):
+        # a record rebuilt from the final checkpoint reports the run's own throughput and memory, not this
+        # (training-free) process's
+        summary["tokens_per_s"] = resumed_state["final_tokens_per_s"]
+        summary["peak_memory_bytes"] = resumed_state.get("final_peak_memory_bytes", summary["peak_memory_bytes"])
     return summary
 
 
@@ -356,14 +371,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines():
+    kept, lines = [], path.read_text().splitlines()
+    for line in lines:
         try:
             if json.loads(line)["step"] <= step:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue  # a line torn by a kill mid-write: it is logged again from the checkpoint
-    path.write_text("".join(l + "\n" for l in kept))
+    if len(kept) != len(lines):
+        from ..store import write_text_atomic
+        write_text_atomic(path, "".join(l + "\n" for l in kept))  # a kill here leaves the old log whole
 
 
 def _progress(enabled: bool, start: int, total: int, desc: str):
