@@ -197,7 +197,7 @@ def test_a_dead_runners_lease_is_taken_over_and_a_live_one_waited_for(tmp_path, 
     path_lease.write_text(json.dumps({"holder": "y", "host": "elsewhere", "pid": 1, "heartbeat": -1e9}))
     runner = subprocess.Popen([sys.executable, "-m", "harness", "run", str(path), "--out", str(other)],
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=_env(HARNESS_LEASE_TTL="6"))
+                              env=_env(HARNESS_LEASE_TTL="6", PYTHONUNBUFFERED="1"))  # its lines as they come
     seen = []
     for line in runner.stdout:  # beat (an absurd clock: only the change counts) until the runner waits
         seen.append(line)
