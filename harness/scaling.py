@@ -37,7 +37,9 @@ def fit_power_law(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, floa
 
 
 def isoflop_minimum(ns: Sequence[float], losses: Sequence[float]) -> dict[str, Any]:
-    """The minimum of one IsoFLOP profile from ``(N, loss)`` points (several per N allowed: seeds).
+    """The minimum of one IsoFLOP profile from ``(N, loss)`` points (several per N allowed: seeds): the vertex
+    of the parabola in log N through the best size and its two neighbours, or the best size itself where it is
+    at an end of the profile ("envelope", "edge": the optimum lies outside the sizes trained).
 
     Returns n_opt, l_opt, method ("parabola" or "envelope"), interior (the vertex inside the sizes trained),
     and the envelope's n / loss (the best size's mean)."""
@@ -47,12 +49,15 @@ def isoflop_minimum(ns: Sequence[float], losses: Sequence[float]) -> dict[str, A
     best = int(np.argmin(means))
     out = {"env_n": float(sizes[best]), "env_loss": float(means[best]), "sizes": len(sizes),
            "edge": best in (0, len(sizes) - 1)}
-    if len(sizes) >= 3:
-        x = np.log(ns)
-        c2, c1, c0 = np.polyfit(x, losses, 2)
+    if len(sizes) >= 3 and not out["edge"]:
+        # the parabola through the best size and its two neighbours only: a profile over a wide range of sizes
+        # is not a parabola in log N, and one fitted to all of it can put its vertex above the best loss measured
+        near = np.isin(ns, sizes[best - 1:best + 2])
+        x = np.log(ns[near])
+        c2, c1, c0 = np.polyfit(x, losses[near], 2)
         if c2 > 0:
             xv = -c1 / (2 * c2)
-            inside = bool(np.log(sizes[0]) <= xv <= np.log(sizes[-1]))
+            inside = bool(np.log(sizes[best - 1]) <= xv <= np.log(sizes[best + 1]))
             if inside:
                 return {**out, "n_opt": float(math.exp(xv)), "l_opt": float(c0 + c1 * xv + c2 * xv * xv),
                         "method": "parabola", "interior": True, "coef": [float(c2), float(c1), float(c0)]}
@@ -260,7 +265,7 @@ def analyse(profiles: Sequence[Profiles], reference: str | None, iters: int = 10
         for c, m in pt["minima"].items():
             l_ci = _interval([d[c]["l_opt"] for d in draws_seed[a] if c in d])
             n_ci = _interval([d[c]["n_opt"] for d in draws_seed[a] if c in d])
-            minima[c] = {**{k: v for k, v in m.items() if k != "coef"}, "l_ci": l_ci, "n_ci": n_ci,
+            minima[c] = {**m, "l_ci": l_ci, "n_ci": n_ci,
                          "usable": usable(m)}
         fits = {}
         lf = pt["loss_fit"]

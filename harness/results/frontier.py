@@ -158,9 +158,9 @@ def section(store: Store, matrix: str, out_dir: Path, plot_name) -> tuple[list[s
                          "D_opt": human(m["d_opt"]),
                          "tokens/param": f"{m['d_opt'] / m['n_opt']:.3g}"})
     lines += ["### IsoFLOP minima", "",
-              "Per budget: a parabola in log N through every seed's final loss (Chinchilla's Approach 2); "
-              "'envelope' where the parabola is not convex or its vertex lies outside the sizes trained (then the "
-              "best size trained stands in). Intervals: bootstrap over the evaluation seeds (with 3 seeds close to "
+              "Per budget: a parabola in log N through every seed's final loss at the best size and its two "
+              "neighbours (Chinchilla's Approach 2, fitted locally: a profile spanning many sizes is not a parabola); "
+              "'envelope' where the best size is at an end of the profile (it then stands in). Intervals: bootstrap over the evaluation seeds (with 3 seeds close to "
               "their range). 'profile': interior = the lowest mean loss is not at an end of the sizes trained; "
               "ladder_end / epoch_limit = it is, and no further size exists or fits in one epoch. A minimum whose "
               "best size is at an end, or with fewer than 3 sizes, bounds the optimum rather than locating it: it is "
@@ -269,13 +269,11 @@ def profiles_plot(result: dict[str, Any], path: Path) -> None:
             for n in ns:
                 ax.scatter([n] * len(p.losses[c][n]), p.losses[c][n], s=6, alpha=0.3, color=colours[p.arch])
             ax.plot(ns, [p.losses[c][n].mean() for n in ns], "o", color=colours[p.arch], ms=4, label=p.arch)
-            x = np.log(np.repeat(ns, [len(p.losses[c][n]) for n in ns]))
-            y = np.concatenate([p.losses[c][n] for n in ns])
             m = result["archs"][p.arch]["minima"].get(c)
-            if m and m["method"] == "parabola":
-                coef = np.polyfit(x, y, 2)
-                grid = np.linspace(x.min(), x.max(), 50)
-                ax.plot(np.exp(grid), np.polyval(coef, grid), color=colours[p.arch], lw=1)
+            if m and m["method"] == "parabola":  # drawn over the three sizes it was fitted to
+                i = ns.index(m["env_n"])
+                grid = np.linspace(np.log(ns[i - 1]), np.log(ns[i + 1]), 50)
+                ax.plot(np.exp(grid), np.polyval(m["coef"], grid), color=colours[p.arch], lw=1)
                 ax.axvline(m["n_opt"], color=colours[p.arch], lw=0.6, ls=":")
         ax.set_xscale("log")
         ax.set_title(f"C = {c:.2g} FLOPs", fontsize=9)
