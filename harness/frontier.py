@@ -429,7 +429,8 @@ def _record_plan(root: Path, matrix, label: str, bi: int, plan: dict[str, Any]) 
         new["spec"] = ({"ladder": matrix.frontier.ladder, "budgets": matrix.budgets,
                                 "sizes_per_budget": matrix.frontier.k,
                                 "tokens_per_param": matrix.frontier.tokens_per_param,
-                                "max_epochs": matrix.frontier.max_epochs, "reference": matrix.frontier.reference})
+                                "max_epochs": matrix.frontier.max_epochs, "reference": matrix.frontier.reference,
+                                "entries": [e.label for e in matrix.entries if e.frontier]})
         new.setdefault("plans", {}).setdefault(label, {})[str(bi)] = plan
         return new
     store.update_json_locked(Path(root) / matrix.name / FRONTIER, update)

@@ -77,6 +77,12 @@ def analyse(store: Store, matrix: str, iters: int = BOOTSTRAP_ITERS) -> dict[str
     result["plan"] = plan
     result["profiles"] = usable
     result["runs"] = runs
+    # what the matrix still owes: every (entry, budget) without a final plan, and entries with no run at all
+    budgets = [float(b["flops"]) for b in (plan.get("spec") or {}).get("budgets", [])]
+    final = {(a, float(p["budget"]["flops"])) for a, per in plan.get("plans", {}).items() for p in per.values()}
+    archs = sorted({r.raw.get("arch") or r.model for r in store.runs if r.matrix == matrix and r.raw.get("rung")}
+                   | set((plan.get("spec") or {}).get("entries", [])))
+    result["unfinished"] = [(a, c) for a in archs for c in budgets if (a, c) not in final]
     return result
 
 
@@ -141,6 +147,9 @@ def section(store: Store, matrix: str, out_dir: Path, plot_name) -> tuple[list[s
              "Each architecture at the sizes of its own ladder (`harness models --ladder NAME`) nearest its "
              "predicted compute-optimal size at every budget, more sizes added past an edge minimum "
              "(harness.frontier); N = parameters (tied embeddings once), D = training tokens.", ""]
+    if result.get("unfinished"):
+        lines += [f"**This matrix is not complete** ({len(result['unfinished'])} (architecture, budget) profiles "
+                  "still to finish, listed below the fits): every number here is provisional.", ""]
     lines += headline(result, matrix)
     # per-budget minima
     rows = []
@@ -184,10 +193,10 @@ def section(store: Store, matrix: str, out_dir: Path, plot_name) -> tuple[list[s
               "over evaluation seeds *and* budgets (a replicate with fewer than three distinct budgets cannot fit "
               "L*(C) and is dropped; the count is shown). Chinchilla's exponents for reference: N* ∝ C^0.50, "
               "D* ∝ C^0.50 (Approach 2).", "", pd.DataFrame(rows).to_markdown(index=False), ""]
-    pending = result.get("pending") or []
-    if pending:
-        lines += ["Still running (left out until their plan is final): " + ", ".join(
-            f"{a} @ {c:.2g}" for a, c in pending) + ".", ""]
+    unfinished = result.get("unfinished") or []
+    if unfinished:
+        lines += ["**Incomplete matrix.** Not finished yet (left out of every fit and of the multiplier until "
+                  "their budget's plan is final): " + ", ".join(f"{a} @ {c:.2g}" for a, c in unfinished) + ".", ""]
     left = result["left_out"]
     if left:
         lines += [f"Left out of the fits: {len(left)} (size, budget) profile point(s) without all "
