@@ -158,13 +158,10 @@ def device_memory_bytes(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return int(props.total_memory), f"{props.name} memory"
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "available RAM"
-    except OSError:
-        pass
+    from .preflight import mem_available_bytes
+    free = mem_available_bytes()
+    if free is not None:
+        return free, "available RAM"
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
 
 

@@ -373,7 +373,7 @@ def run_frontier(matrix, root: Path, force: bool, log, nproc: int, run_cells, ch
             _record_plan(root, matrix, entry.label, bi, {
                 "budget": b, "n_star_predicted": n_star, "predicted_from": why, "decisions": decisions,
                 "status": decisions[-1]["status"] if decisions else "none",
-                "rungs": [r.name for r in chosen], "mean_loss": _mean_losses(matrix, root, entry, bi)})
+                "rungs": [r.name for r in chosen], "mean_loss": means})
     return records
 
 

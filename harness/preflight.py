@@ -65,11 +65,17 @@ def available_memory(device: torch.device, world_size: int = 1) -> tuple[int, st
             return None
     if device.type != "cpu":
         return None
+    free = mem_available_bytes()
+    return None if free is None else (free, "MemAvailable")
+
+
+def mem_available_bytes() -> int | None:
+    """Linux's MemAvailable (RAM a new allocation can get without swapping), or None where it is unknown."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "MemAvailable"
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
