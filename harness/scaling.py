@@ -28,12 +28,10 @@ ALPHA_MIN = 1e-4   # the fit's lower bound on alpha; a fit that ends there is fl
 
 
 def fit_power_law(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
-    """y = a·x^b by least squares in log-log; (a, b)."""
-    lx, ly = np.log(np.asarray(xs, float)), np.log(np.asarray(ys, float))
-    if len(lx) < 2 or np.ptp(lx) == 0:
-        raise ValueError("a power law needs at least two distinct x")
-    b, la = np.polyfit(lx, ly, 1)
-    return float(math.exp(la)), float(b)
+    """y = a·x^b by least squares in log-log; (a, b). The sweep's fitter (harness.sweep.fit_power_law)."""
+    from .sweep import fit_power_law as fit
+    f = fit(list(zip(xs, ys)))
+    return f["a"], f["b"]
 
 
 def isoflop_minimum(ns: Sequence[float], losses: Sequence[float]) -> dict[str, Any]:
