@@ -418,7 +418,7 @@ def _train_budget(matrix, cells, root, force, forced, log, nproc, run_cells, cho
             pick = choice.get(label, {}).get(str(main[0].budget_index)) or {}
             if pick.get("lr"):
                 log(f"    {label}: peak lr {pick['lr']:.4g} ({pick.get('source')}, {pick.get('status')})")
-        apply_lr_choice(matrix, choice, main)
+        apply_lr_choice(matrix, choice, main, root)
     records += _run_once(matrix, main, root, force, forced, log, nproc, run_cells, f"{phase} main")
     return records
 

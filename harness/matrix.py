@@ -470,15 +470,34 @@ def extend_sweep(matrix: Matrix, choice: dict[str, dict[str, Any]], where=None) 
     return new
 
 
-def apply_lr_choice(matrix: Matrix, choice: dict[str, dict[str, Any]], cells: list[Cell] | None = None) -> None:
-    for cell in (matrix.main_cells if cells is None else [c for c in cells if c.phase == "main"]):
+LR_NOISE = 1e-9  # relative: a rate refitted from the same sweep points differs from the first fit only by rounding
+
+
+def apply_lr_choice(matrix: Matrix, choice: dict[str, dict[str, Any]], cells: list[Cell] | None = None,
+                    root: Path | None = None) -> None:
+    """Set each main cell's peak LR from its (label, budget) pick. With ``root``, a pick that a trained cell of
+    the same (label, budget) already used up to rounding (a refit of the same sweep points, LR_NOISE) keeps
+    that cell's exact rate: the decision stands and its finished cells stay valid; a real change does not."""
+    main = matrix.main_cells if cells is None else [c for c in cells if c.phase == "main"]
+    used: dict[tuple[str, int], float] = {}
+    if root is not None:
+        for cell in main:
+            if cell.lr_from_sweep and (cell.label, cell.budget_index) not in used:
+                rec = store.read_record(store.cell_dir(root, matrix.name, cell.cell_id)) or {}
+                if rec.get("lr_from_sweep") and rec.get("lr"):
+                    used[(cell.label, cell.budget_index)] = float(rec["lr"])
+    for cell in main:
         if cell.lr_from_sweep:
             pick = choice.get(cell.label, {}).get(str(cell.budget_index)) or {}
             if not pick.get("lr"):
                 raise ConfigError(f"no usable sweep result for {cell.label} at budget {cell.budget_index}: cannot "
                                   f"choose its learning rate ({pick.get('error', 'no completed sweep cell')})")
+            lr = float(pick["lr"])
+            prior = used.get((cell.label, cell.budget_index))
+            if prior is not None and abs(prior - lr) <= LR_NOISE * lr:
+                lr = prior
             cell.config = copy.deepcopy(cell.config)
-            cell.config.optim.lr = float(pick["lr"])
+            cell.config.optim.lr = lr
 
 
 MAX_SWEEP_ROUNDS = 50  # a bound on extension rounds (the bounds in the matrix end it long before)
@@ -512,7 +531,7 @@ def run_matrix(matrix: Matrix, root: str | Path = store.DEFAULT_ROOT, force: boo
                     log(f"    {label} @ {c.get('budget', key)}: peak lr {c['lr']:.4g}"
                         + (f" (val loss {c['val_loss']:.4f})" if c.get("val_loss") is not None else "")
                         + {"at_bound": "  [at the sweep's bound]", "interpolated": "  [power law]"}.get(c["status"], ""))
-        apply_lr_choice(matrix, choice)
+        apply_lr_choice(matrix, choice, root=root)
     records += _run_cells(matrix, matrix.main_cells, root, force, log, nproc, "main")
     return records
 

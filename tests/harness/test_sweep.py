@@ -6,6 +6,7 @@ import math
 import pytest
 
 from harness import sweep
+from harness.config import ConfigError
 from harness.matrix import expand, run_matrix
 
 SPEC = sweep.SweepSpec(grid=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], ratio=2.0, bounds=(1e-4, 3.2e-2), seeds=[9], budgets=None)
@@ -116,3 +117,31 @@ def test_power_law_mode_interpolates_the_unswept_budget_from_the_swept_optima(tm
     text = write_report(tmp_path / "pl").read_text()
     assert "Power law for transformer_pp/tiny: lr*(C) = 4.096·C^-0.3010" in text
     assert "| interpolated |" in text
+
+
+@pytest.mark.parametrize("drift, kept", [(1e-13, True), (1e-3, False)])
+def test_a_refit_differing_by_rounding_keeps_the_rate_a_finished_cell_used(tmp_path, drift, kept):
+    """A pick refitted from the same sweep points can move in its last bits (a different summation order);
+    the main cells of that (label, budget) already trained keep their exact rate, so their config hash still
+    matches and nothing retrains. A real change (0.1 %) is taken, and the stale cell is then a config clash."""
+    from harness import store
+    from harness.matrix import apply_lr_choice, cell_status
+    raw = {"name": "nz", "defaults": {"seq_len": 32, "batch_size": 4}, "seeds": [0, 1],
+           "models": [{"model": "transformer_pp", "preset": "tiny"}], "budgets": [{"flops": 1e9}],
+           "lr_sweep": {"center": 4e-3, "points": 5, "bounds": [1e-4, 1e-1], "seeds": [9]}}
+    m = expand(raw)
+    first = m.main_cells[0]
+    used = 4e-3 * (1 + drift)
+    apply_lr_choice(m, {"transformer_pp/tiny": {"0": {"lr": used}}}, [first])
+    store.write_record(store.cell_dir(tmp_path, "nz", first.cell_id),
+                       {"matrix": "nz", "cell_id": first.cell_id, "label": first.label, "phase": "main",
+                        "lr": used, "lr_from_sweep": True, "config_hash": first.config_hash, "status": "complete"})
+    m = expand(raw)
+    apply_lr_choice(m, {"transformer_pp/tiny": {"0": {"lr": 4e-3}}}, root=tmp_path)
+    # every seed of the (label, budget) takes one rate, the finished cell's when it is only rounding away
+    assert {c.config.optim.lr for c in m.main_cells} == {used if kept else 4e-3}
+    if kept:
+        assert cell_status(tmp_path, m.main_cells[0]) == "complete"
+    else:
+        with pytest.raises(ConfigError, match="different config"):
+            cell_status(tmp_path, m.main_cells[0])
