@@ -219,9 +219,12 @@ def cmd_bench(args) -> int:
 def cmd_grow(args) -> int:
     """Grow a checkpoint into a bigger model's checkpoint (harness.grow); bad requests raise GrowthError."""
     from .grow import grow_checkpoint, summary_line
+    from .grow.width import DEFAULT_NOISE
     event = grow_checkpoint(args.checkpoint, args.out, method=args.method, to=_parse_sets(args.set),
                             to_preset=args.to, init=args.init, optimizer=args.optimizer, schedule=args.schedule,
-                            seed=args.seed, noise=args.noise, overwrite=args.force)
+                            seed=args.seed, noise=(args.noise if args.noise is not None
+                                                   else DEFAULT_NOISE if args.method == "width" else 0.0),
+                            overwrite=args.force)
     print(json.dumps(summary_line(event), indent=1))
     return 0
 
@@ -317,11 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="results directory (default results/bench)")
     b.set_defaults(func=cmd_bench)
 
-    gr = sub.add_parser("grow", help="grow a checkpoint into a bigger model (token growth, G_stack, width)")
+    gr = sub.add_parser("grow", help="grow a checkpoint into a bigger model (token growth, G_stack, LLaMA Pro "
+                        "block expansion, width)")
     gr.add_argument("checkpoint", help="run directory or its checkpoint/ directory")
     gr.add_argument("--to", metavar="PRESET", help="target preset (default: the source's, with --set overrides)")
     gr.add_argument("--set", action="append", metavar="KEY=VALUE", help="target model config field (ffn_hidden=512)")
-    gr.add_argument("--method", required=True, choices=["tokens", "gstack", "gstack_identity", "width"])
+    gr.add_argument("--method", required=True, choices=["tokens", "gstack", "gstack_identity", "expand", "width"])
     gr.add_argument("--init", choices=["random", "zero", "preserving"], help="new parameter tokens (tokens only; "
                     "default random)")
     gr.add_argument("--optimizer", choices=["fresh", "carry", "staged"], default="fresh",
@@ -329,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--schedule", choices=["restart", "continue"], default="restart",
                     help="restart: step 0 (fresh warmup + cosine); continue: keep the step count")
     gr.add_argument("--seed", type=int, default=0, help="init of the new entries")
-    gr.add_argument("--noise", type=float, default=0.0, help="width only: zero-sum symmetry-breaking noise "
-                    "(relative std; still function-preserving)")
+    gr.add_argument("--noise", type=float, default=None, help="width only: zero-sum symmetry-breaking noise, std "
+                    "relative to the grown weight's (still function-preserving; default 0.316 = HyperCloning's "
+                    "10 dB signal-to-noise ratio; 0: a pure clone, which stays a clone)")
     gr.add_argument("--out", required=True, help="the grown checkpoint directory to write")
     gr.add_argument("--force", action="store_true", help="replace --out if it exists")
     gr.set_defaults(func=cmd_grow)

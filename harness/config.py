@@ -6,11 +6,12 @@ never silently falls back to a default.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,10 @@ class ScheduleConfig:
     warmup_fraction: float = 0.05   # used when warmup_steps is None
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2     # wsd only
+    # the schedule spans this many tokens counted from step 0 of the chain (a grown run with schedule=continue
+    # counts its base's steps) instead of ending with this run's budget: a Staged Training base stops part-way
+    # through the one schedule its grown stage finishes. None: the run's own end.
+    horizon_tokens: float | None = None
 
     def validate(self, path: str = "schedule"):
         if self.kind not in ("cosine", "wsd", "constant"):
@@ -117,6 +122,8 @@ class ScheduleConfig:
             raise ConfigError(f"{path}.warmup_fraction: must be in [0, 1), got {self.warmup_fraction}")
         if not 0 < self.decay_fraction <= 1:
             raise ConfigError(f"{path}.decay_fraction: must be in (0, 1], got {self.decay_fraction}")
+        if self.horizon_tokens is not None and not self.horizon_tokens > 0:
+            raise ConfigError(f"{path}.horizon_tokens: must be > 0 when set, got {self.horizon_tokens}")
 
 
 @dataclass
@@ -245,6 +252,21 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
     return value
+
+
+# fields added after results were stored: a config's identity (a matrix cell's hash, a resume check) leaves
+# them out while they hold their default, so every stored cell and checkpoint keeps the identity it had
+LATE_FIELDS = {("schedule", "horizon_tokens"): None}
+
+
+def identity_dict(config: "TrainConfig | dict[str, Any]") -> dict[str, Any]:
+    """asdict(config) (or a stored config dict) without the late fields at their defaults."""
+    d = copy.deepcopy(config if isinstance(config, dict) else asdict(config))
+    for (section, name), default in LATE_FIELDS.items():
+        sub = d.get(section)
+        if isinstance(sub, dict) and name in sub and sub[name] == default:
+            del sub[name]
+    return d
 
 
 def from_dict(cls, data: Any, path: str = ""):

@@ -46,10 +46,10 @@ from . import frontier as _frontier
 from . import store
 from . import sweep as _sweep
 from .sweep import SweepSpec
-from .config import BudgetConfig, ConfigError, TrainConfig, from_dict, load_yaml, merge
+from .config import BudgetConfig, ConfigError, TrainConfig, from_dict, identity_dict, load_yaml, merge
 
 TOP_LEVEL = ("name", "description", "matching", "defaults", "models", "budgets", "seeds", "lr_sweep", "waterfall",
-             "frontier")
+             "frontier", "compare_frontier")
 MATCHING = ("none", "iso_flop", "iso_tokens", "iso_params")
 ISO_PARAMS_TOLERANCE = 0.10  # presets count as matched when non-embedding params are within 10%
 LR_CHOICE = "lr_choice.json"
@@ -68,13 +68,15 @@ class Cell:
     entry_index: int = 0            # position of the model entry (a rung of a waterfall)
     compare_to: str | None = None   # the label this entry is compared with in a waterfall (default: previous)
     grow: dict[str, Any] | None = None  # growth stage: {"from": label, method, init, optimizer, schedule}
-    reference: bool = False         # the from-scratch reference of a growth-cost table
+    reference: str | None = None    # a growth-cost reference: "scratch" (the target size) or "no_growth"
+    lr_from: str | None = None      # the entry label whose peak LR this cell trains at
+    flops_of: str | None = None     # the growth chain (its last stage's label) whose total FLOPs it is given
     arch: str = ""                  # the model entry (a frontier rung's label is "<arch>@<rung>")
     rung: dict[str, Any] | None = None  # a frontier cell's ladder rung (models.ladder.Rung.to_dict())
 
     @property
     def config_hash(self) -> str:
-        cfg = asdict(self.config)
+        cfg = identity_dict(self.config)
         for volatile in ("progress", "device", "parallel", "eval_tasks", "eval_limit", "eval_bootstrap_iters",
                          "init_from"):
             # how to run and what to measure afterwards, not what to train (init_from follows from `grow`)
@@ -92,12 +94,14 @@ class Entry:
     matching: str
     compare_to: str | None
     grow: dict[str, Any] | None
-    reference: bool
+    reference: str | None           # scratch | no_growth | None
     own_budget: bool                # an entry with its own budget (a growth stage) ignores the budgets list
     tuned: bool                     # its peak LR comes from the sweep
     frontier: bool = False          # a frontier entry: its cells are rungs of its ladder (derived entries)
     arch: str | None = None         # a derived entry: the frontier entry it is a rung of
     rung: dict[str, Any] | None = None
+    lr_from: str | None = None      # its peak LR is that entry's (chosen, or set)
+    flops_of: str | None = None     # its budget is that growth chain's total FLOPs
 
 
 @dataclass
@@ -114,6 +118,7 @@ class Matrix:
     sweep: SweepSpec | None = None
     frontier: "_frontier.FrontierSpec | None" = None
     seeds: list[int] = field(default_factory=list)
+    compare_frontier: str | None = None  # a growth study's frontier matrix (same data): its L*(C) in the report
 
     @property
     def sweep_cells(self) -> list[Cell]:
@@ -143,9 +148,11 @@ class Matrix:
         budget = cfg.budget.label().replace("=", "")
         cell_id = _slug(f"{tag}-{budget}-seed{seed}" if phase == "main" else f"sweep-{tag}-{budget}-lr{lr:.4g}-seed{seed}")
         return Cell(matrix=self.name, cell_id=cell_id, config=cfg, label=entry.label, phase=phase,
-                    matching=entry.matching, budget_index=bi, lr_from_sweep=phase == "main" and entry.tuned,
+                    matching=entry.matching, budget_index=bi,
+                    lr_from_sweep=phase == "main" and (entry.tuned or entry.lr_from is not None),
                     entry_index=entry.index, compare_to=entry.compare_to, grow=entry.grow,
-                    reference=entry.reference, arch=entry.arch or entry.label, rung=entry.rung)
+                    reference=entry.reference, arch=entry.arch or entry.label, rung=entry.rung,
+                    lr_from=entry.lr_from, flops_of=entry.flops_of)
 
     def add_cell(self, cell: Cell) -> Cell:
         if any(c.cell_id == cell.cell_id for c in self.cells):
@@ -215,8 +222,12 @@ def expand(raw: dict[str, Any], source: str = "<dict>", overrides: dict[str, Any
     waterfall = raw.get("waterfall", False)
     if not isinstance(waterfall, bool):
         raise ConfigError(f"{source}: waterfall must be true or false")
+    compare_frontier = raw.get("compare_frontier")
+    if compare_frontier is not None and not (isinstance(compare_frontier, str)
+                                             and re.fullmatch(r"[A-Za-z0-9_.-]+", compare_frontier)):
+        raise ConfigError(f"{source}: compare_frontier must name a frontier matrix, got {compare_frontier!r}")
     matrix = Matrix(name, str(raw.get("description", "")), [], source, matching, waterfall, [], defaults, budgets,
-                    sweep, frontier, seeds)
+                    sweep, frontier, seeds, compare_frontier)
     for mi, item in enumerate(models):
         entry = _entry(mi, item, matrix)
         matrix.entries.append(entry)
@@ -259,19 +270,104 @@ def _entry(mi: int, item: Any, matrix: Matrix) -> Entry:
         raise ConfigError(f"{source}: models[{mi}].compare_to: {compare_to!r} is not the label of an earlier "
                           f"entry ({', '.join(labels) or 'none'})")
     grow = settings.pop("grow_from", None)
-    reference = settings.pop("reference", False)
+    reference = settings.pop("reference", None)
+    lr_from = settings.pop("lr_from", None)
+    flops_of = settings.pop("flops_of", None)
+    where = f"{source}: models[{mi}]"
+    if reference is True or reference is False:
+        reference = "scratch" if reference else None
+    if reference not in (None, *REFERENCES):
+        raise ConfigError(f"{where}.reference: {reference!r} is not one of true (scratch), {', '.join(REFERENCES)}")
+    merged = merge(matrix.defaults, settings)
     if grow is not None:
-        allowed = {"from", "method", "init", "optimizer", "schedule"}
-        if not isinstance(grow, dict) or set(grow) - allowed or "from" not in grow or "method" not in grow:
-            raise ConfigError(f"{source}: models[{mi}].grow_from needs from and method (and optionally init, "
-                              f"optimizer, schedule)")
-        if grow["from"] not in labels:
-            raise ConfigError(f"{source}: models[{mi}].grow_from.from: {grow['from']!r} is not the label of an "
-                              f"earlier entry ({', '.join(labels) or 'none'})")
-        grow = {"optimizer": "fresh", "schedule": "restart", **grow}
-    tuned = matrix.sweep is not None and "lr" not in (settings.get("optim") or {}) and grow is None
-    return Entry(mi, label, settings, entry_matching, compare_to, grow, bool(reference), "budget" in settings, tuned,
-                 frontier=matrix.frontier is not None)
+        grow = _grow_spec(grow, where, labels)
+        if grow["schedule"] == "continue":
+            # one schedule through growth (Staged Training): the base's peak LR and the base's horizon
+            if "lr" in (settings.get("optim") or {}) or lr_from not in (None, grow["from"]):
+                raise ConfigError(f"{where}.grow_from.schedule: continue keeps its base's peak LR; drop optim.lr "
+                                  f"and lr_from")
+            lr_from = grow["from"]
+            base = next(e for e in matrix.entries if e.label == grow["from"])
+            horizon = (merge(matrix.defaults, base.settings).get("schedule") or {}).get("horizon_tokens")
+            own = (merged.get("schedule") or {}).get("horizon_tokens")
+            if horizon is None:
+                raise ConfigError(f"{where}.grow_from.schedule: continue needs its base {grow['from']!r} to set "
+                                  f"schedule.horizon_tokens (the length of the one schedule)")
+            if own is not None and own != horizon:
+                raise ConfigError(f"{where}.schedule.horizon_tokens: {own:g} differs from its base's {horizon:g} "
+                                  f"(schedule: continue runs one schedule)")
+            settings = merge(settings, {"schedule": {"horizon_tokens": horizon}})
+    if lr_from is not None:
+        if lr_from not in labels:
+            raise ConfigError(f"{where}.lr_from: {lr_from!r} is not the label of an earlier entry "
+                              f"({', '.join(labels) or 'none'})")
+        if "lr" in (settings.get("optim") or {}):
+            raise ConfigError(f"{where}.lr_from: give optim.lr or lr_from, not both")
+    if flops_of is not None:
+        if "budget" in settings:
+            raise ConfigError(f"{where}.flops_of: sets the budget (the chain's total FLOPs); drop budget")
+        if flops_of not in labels:
+            raise ConfigError(f"{where}.flops_of: {flops_of!r} is not the label of an earlier entry "
+                              f"({', '.join(labels) or 'none'})")
+        settings["budget"] = {"flops": chain_flops(matrix, flops_of)}
+    # a grown stage that restarts its schedule is tuned like any run (its sweep grows from the first seed's base)
+    tuned = (matrix.sweep is not None and "lr" not in (settings.get("optim") or {}) and lr_from is None
+             and (grow is None or grow["schedule"] == "restart"))
+    return Entry(mi, label, settings, entry_matching, compare_to, grow, reference, "budget" in settings, tuned,
+                 frontier=matrix.frontier is not None, lr_from=lr_from, flops_of=flops_of)
+
+
+REFERENCES = ("scratch", "no_growth")
+GROW_KEYS = ("from", "method", "init", "optimizer", "schedule", "noise")
+
+
+def _grow_spec(grow: Any, where: str, labels: list[str]) -> dict[str, Any]:
+    """A validated grow_from: defaults filled (fresh optimizer, restarted schedule; width growth breaks the
+    clones' symmetry with HyperCloning's noise unless noise is given)."""
+    from .grow.width import DEFAULT_NOISE
+    if not isinstance(grow, dict) or set(grow) - set(GROW_KEYS) or "from" not in grow or "method" not in grow:
+        raise ConfigError(f"{where}.grow_from needs from and method (and optionally init, optimizer, schedule, "
+                          f"noise)")
+    if grow["from"] not in labels:
+        raise ConfigError(f"{where}.grow_from.from: {grow['from']!r} is not the label of an earlier entry "
+                          f"({', '.join(labels) or 'none'})")
+    grow = {"optimizer": "fresh", "schedule": "restart", **grow}
+    if grow["method"] == "width":
+        grow.setdefault("noise", DEFAULT_NOISE)
+        if not (isinstance(grow["noise"], (int, float)) and math.isfinite(grow["noise"]) and grow["noise"] >= 0):
+            raise ConfigError(f"{where}.grow_from.noise: must be a number >= 0, got {grow['noise']!r}")
+    elif "noise" in grow:
+        raise ConfigError(f"{where}.grow_from.noise: applies to method width only")
+    return grow
+
+
+def chain_flops(matrix: Matrix, label: str) -> float:
+    """Training FLOPs of entry ``label``'s run plus those of every stage it grew from: a growth chain's total,
+    from the registry's exact counts at the run's vocabulary and context and the steps its budget buys (what
+    the training loop will spend). A FLOPs-matched reference (flops_of) is given this budget."""
+    from .preflight import build_model_config, tokenizer_vocab
+    from .train.loop import total_steps
+    entry = next(e for e in matrix.entries if e.label == label)
+    where = f"{matrix.source}: models[{entry.index}]"
+    if not entry.own_budget:
+        raise ConfigError(f"{where}: a flops_of chain stage needs its own budget")
+    cfg = _resolve({**merge(matrix.defaults, entry.settings), "seed": 0}, where)
+    vocab = tokenizer_vocab(cfg.data.tokenizer)
+    if vocab is None:
+        raise ConfigError(f"{where}.data.tokenizer: flops_of needs a named tokenizer (its vocabulary sets the "
+                          f"FLOPs), not {cfg.data.tokenizer!r}")
+    model_cfg, seq = build_model_config(cfg, vocab)
+    fpt = model_cfg.flops_per_token(seq)
+    own = total_steps(cfg, fpt, seq) * cfg.batch_size * seq * fpt
+    return own + (chain_flops(matrix, entry.grow["from"]) if entry.grow else 0.0)
+
+
+def _stage(matrix: Matrix, entry: Entry) -> int:
+    """When an entry can train: after the entries it grows from and takes its LR from (0: at once)."""
+    deps = [d for d in ((entry.grow or {}).get("from"), entry.lr_from) if d]
+    by_label = {e.label: e for e in matrix.entries}
+    return max([(1 if d == (entry.grow or {}).get("from") else 0) + _stage(matrix, by_label[d]) for d in deps],
+               default=0)
 
 
 def _check_fit_budgets(matrix: Matrix) -> None:
@@ -488,16 +584,28 @@ def apply_lr_choice(matrix: Matrix, choice: dict[str, dict[str, Any]], cells: li
                     used[(cell.label, cell.budget_index)] = float(rec["lr"])
     for cell in main:
         if cell.lr_from_sweep:
-            pick = choice.get(cell.label, {}).get(str(cell.budget_index)) or {}
-            if not pick.get("lr"):
-                raise ConfigError(f"no usable sweep result for {cell.label} at budget {cell.budget_index}: cannot "
-                                  f"choose its learning rate ({pick.get('error', 'no completed sweep cell')})")
-            lr = float(pick["lr"])
+            lr = _peak_lr(matrix, choice, cell.label, cell.budget_index)
             prior = used.get((cell.label, cell.budget_index))
             if prior is not None and abs(prior - lr) <= LR_NOISE * lr:
                 lr = prior
             cell.config = copy.deepcopy(cell.config)
             cell.config.optim.lr = lr
+
+
+def _peak_lr(matrix: Matrix, choice: dict[str, dict[str, Any]], label: str, bi: int) -> float:
+    """The peak LR of entry ``label`` at budget ``bi``: its sweep's pick when tuned, else that of the entry it
+    takes its LR from (lr_from), else its own optim.lr."""
+    entry = next(e for e in matrix.entries if e.label == label)
+    if entry.tuned:
+        pick = choice.get(label, {}).get(str(bi)) or {}
+        if not pick.get("lr"):
+            raise ConfigError(f"no usable sweep result for {label} at budget {bi}: cannot choose its learning "
+                              f"rate ({pick.get('error', 'no completed sweep cell')})")
+        return float(pick["lr"])
+    if entry.lr_from is not None:
+        source = next(e for e in matrix.entries if e.label == entry.lr_from)
+        return _peak_lr(matrix, choice, source.label, 0 if source.own_budget else bi)
+    return next(c for c in matrix.main_cells if c.label == label).config.optim.lr
 
 
 MAX_SWEEP_ROUNDS = 50  # a bound on extension rounds (the bounds in the matrix end it long before)
@@ -515,24 +623,44 @@ def run_matrix(matrix: Matrix, root: str | Path = store.DEFAULT_ROOT, force: boo
                                       _train_tokens(matrix))
     if only:
         raise ConfigError(f"--only: {matrix.name} is not a frontier matrix (its cells run in one order)")
+    # a growth matrix trains in stages: bases (and the entries whose LR others take) before what depends on them
+    stages: dict[int, list[str]] = {}
+    for entry in matrix.entries:
+        stages.setdefault(_stage(matrix, entry), []).append(entry.label)
     records = []
-    if matrix.sweep is not None and matrix.sweep_cells:
-        todo, forced = matrix.sweep_cells, force
+    for stage in sorted(stages):
+        labels = set(stages[stage])
+        tag = f"stage {stage} " if len(stages) > 1 else ""
+        records += _run_stage(matrix, [c for c in matrix.sweep_cells if c.label in labels],
+                              [c for c in matrix.main_cells if c.label in labels], root, force, log, nproc, tag)
+    return records
+
+
+def _run_stage(matrix: Matrix, sweep: list[Cell], main: list[Cell], root: Path, force: bool, log, nproc: int,
+               tag: str) -> list[dict[str, Any]]:
+    records, choice, labels = [], {}, {c.label for c in sweep}
+    if matrix.sweep is not None and any(c.lr_from_sweep for c in main):
+        todo, forced = sweep, force
         for round_ in range(MAX_SWEEP_ROUNDS):
-            records += _run_cells(matrix, todo, root, forced, log, nproc, "lr sweep" + (f" +{round_}" if round_ else ""))
+            if todo:
+                records += _run_cells(matrix, todo, root, forced, log, nproc,
+                                      f"{tag}lr sweep" + (f" +{round_}" if round_ else ""))
             forced = False  # --force retrains what exists, not the points added after it
             choice = choose_lrs(matrix, root)
-            todo = extend_sweep(matrix, choice)
+            todo = extend_sweep(matrix, choice, lambda label, bi: label in labels)
             if not todo:
                 break
         for label, per_budget in choice.items():
+            if label not in labels:
+                continue
             for key, c in sorted(per_budget.items(), key=lambda kv: int(kv[0])):
                 if c.get("lr"):
                     log(f"    {label} @ {c.get('budget', key)}: peak lr {c['lr']:.4g}"
                         + (f" (val loss {c['val_loss']:.4f})" if c.get("val_loss") is not None else "")
                         + {"at_bound": "  [at the sweep's bound]", "interpolated": "  [power law]"}.get(c["status"], ""))
-        apply_lr_choice(matrix, choice, root=root)
-    records += _run_cells(matrix, matrix.main_cells, root, force, log, nproc, "main")
+    if any(c.lr_from_sweep for c in main):
+        apply_lr_choice(matrix, choice, main, root=root)
+    records += _run_cells(matrix, main, root, force, log, nproc, f"{tag}main")
     return records
 
 
@@ -549,14 +677,20 @@ def _train_tokens(matrix: Matrix) -> float | None:
 GROWN_DIR = "grown_init"
 
 
+def _growth_base(matrix: Matrix, cell: Cell) -> Cell | None:
+    """The main cell a grown cell starts from: its base entry's cell of the same seed; a sweep cell (its own
+    seeds) grows from the first evaluation seed's base, so every swept rate starts from one trained model."""
+    seed = cell.config.seed if cell.phase == "main" else matrix.seeds[0]
+    return next((c for c in matrix.main_cells if c.label == cell.grow["from"] and c.config.seed == seed), None)
+
+
 def _prepare_growth(matrix: Matrix, cell: Cell, root: Path, directory: Path, status: str, log) -> dict[str, Any]:
     """Grow the base cell's final checkpoint (same seed) into <cell>/grown_init and start this cell from it:
     the data stream continues where the base stopped, and the base's FLOPs count towards this cell's
     cumulative compute."""
     from .grow import grow_checkpoint
 
-    base = next((c for c in matrix.main_cells if c.label == cell.grow["from"] and c.config.seed == cell.config.seed),
-                None)
+    base = _growth_base(matrix, cell)
     if base is None:
         raise ConfigError(f"{cell.cell_id}: no base cell {cell.grow['from']!r} with seed {cell.config.seed}")
     base_dir = store.cell_dir(root, matrix.name, base.cell_id)
@@ -693,8 +827,7 @@ def _settle_cell(matrix: Matrix, cell: Cell, twin: Cell, root: Path, force: bool
             record = _evaluate_cell(cell, directory, record, log)
         return record
     if cell.grow is not None:
-        base = next((c for c in matrix.main_cells if c.label == cell.grow["from"] and c.config.seed == cell.config.seed),
-                    None)
+        base = _growth_base(matrix, cell)
         if base is not None and _busy(root, matrix, base, in_call - {cell.cell_id}):
             return None  # its base is training here or elsewhere: grow from it once it is complete
     held = _lease.claim(directory, pid_rule=nproc <= 1)
@@ -777,7 +910,8 @@ def _identity(matrix: Matrix, cell: Cell) -> dict[str, Any]:
             "preset": cell.config.preset, "label": cell.label, "phase": cell.phase, "matching": cell.matching,
             "budget_index": cell.budget_index, "seed": cell.config.seed, "lr": cell.config.optim.lr,
             "lr_from_sweep": cell.lr_from_sweep, "entry_index": cell.entry_index, "compare_to": cell.compare_to,
-            "waterfall": matrix.waterfall, "grow": cell.grow, "reference": cell.reference,
+            "waterfall": matrix.waterfall, "grow": cell.grow, "reference": cell.reference, "lr_from": cell.lr_from,
+            "flops_of": cell.flops_of, "compare_frontier": matrix.compare_frontier,
             "budget": asdict(cell.config.budget), "budget_label": cell.config.budget.label(),
             "arch": cell.arch or cell.label, "rung": cell.rung}
 

@@ -8,6 +8,9 @@ Operators (each returns a :class:`Growth`: the grown model, a plan per parameter
 * ``gstack`` -- G_stack depth stacking (:mod:`.stack`, arXiv 2405.15319): block i = block i mod L; not
   function-preserving. ``gstack_identity``: the copies' residual output projections zeroed: exact.
   Transformer family and Mamba / Mamba-2.
+* ``expand`` -- LLaMA Pro block expansion (:mod:`.expand`, arXiv 2401.02415): L blocks in P = L' - L groups,
+  each followed by a copy of its last block with zeroed residual output projections: exact. L % P == 0;
+  the same families as G_stack.
 * ``width`` -- function-preserving width growth of transformer_pp (:mod:`.width`): HyperCloning residual
   cloning d -> k d, Net2Net head duplication / RoPE-exact head widening, Net2Net SwiGLU unit duplication.
 * ``scratch`` is not an operator: train the target preset from scratch.
@@ -29,6 +32,7 @@ from torch import nn
 from models.pattention import scale_tokens_of, set_scale_tokens
 
 from .checkpoint import grow_checkpoint, grow_model, read_optimizer_state, summary_line, target_config
+from .expand import expand_blocks
 from .plan import (INITS, METHODS, OPTIMIZERS, SCHEDULES, AxisMap, Growth, GrowthError, ParamPlan, growth_gap,
                    random_batch, transfer_optimizer_state)
 from .stack import gstack
@@ -47,6 +51,6 @@ def apply_scale_tokens(model: nn.Module, mapping: dict[str, Any] | None) -> nn.M
 
 
 __all__ = ["INITS", "METHODS", "OPTIMIZERS", "SCHEDULES", "AxisMap", "Growth", "GrowthError", "ParamPlan",
-           "apply_scale_tokens", "grow_checkpoint", "grow_model", "grow_tokens", "grow_width", "growth_gap", "gstack",
-           "random_batch", "read_optimizer_state", "scale_tokens_of", "summary_line", "target_config",
-           "transfer_optimizer_state"]
+           "apply_scale_tokens", "expand_blocks", "grow_checkpoint", "grow_model", "grow_tokens", "grow_width",
+           "growth_gap", "gstack", "random_batch", "read_optimizer_state", "scale_tokens_of", "summary_line",
+           "target_config", "transfer_optimizer_state"]

@@ -37,6 +37,7 @@ from models.pattention import scale_tokens_of
 
 from harness.train.checkpoint import read_optimizer_state, resolve_checkpoint_dir
 
+from .expand import expand_blocks
 from .plan import (INITS, METHODS, OPTIMIZERS, SCHEDULES, Growth, GrowthError, config_diff, growth_gap,
                    random_batch, transfer_optimizer_state)
 from .stack import gstack
@@ -59,6 +60,8 @@ def grow_model(model: torch.nn.Module, target, method: str, *, init: str | None 
         return grow_tokens(model, target, init=init or "random", seed=seed, zero_values=zero_values, name=name)
     if method in ("gstack", "gstack_identity"):
         return gstack(model, target, identity=method == "gstack_identity", seed=seed, name=name)
+    if method == "expand":
+        return expand_blocks(model, target, seed=seed, name=name)
     return grow_width(model, target, seed=seed, noise=noise, name=name)
 
 
@@ -69,7 +72,9 @@ def target_config(state: dict[str, Any], to: dict[str, Any] | None, to_preset: s
     name, run = state.get("model_name"), state.get("config")
     if not isinstance(run, dict) or "preset" not in run:
         raise GrowthError("source checkpoint has no run config (state.json 'config'): cannot name the target preset")
-    to = dict(to or {})
+    src_cfg = state["model_config"]
+    # a target may restate the source's vocabulary and context (a matrix entry names its whole shape), not change them
+    to = {k: v for k, v in (to or {}).items() if not (k in FOLLOW_SOURCE and v == src_cfg.get(k))}
     fixed = sorted(k for k in FOLLOW_SOURCE if k in to)
     if fixed:
         raise GrowthError(f"{', '.join(fixed)} follow the source checkpoint and cannot be changed by growth")
@@ -78,7 +83,6 @@ def target_config(state: dict[str, Any], to: dict[str, Any] | None, to_preset: s
     preset = to_preset or run["preset"]
     base = {} if to_preset else {k: v for k, v in (run.get("model_overrides") or {}).items() if k not in FOLLOW_SOURCE}
     overrides = {**base, **to}
-    src_cfg = state["model_config"]
     try:
         config = registry.get_config(name, preset, **overrides,
                                      **{k: src_cfg[k] for k in FOLLOW_SOURCE})
@@ -114,7 +118,7 @@ def grow_checkpoint(src_dir: str | Path, dst_dir: str | Path, *, method: str, to
                     overwrite: bool = False, measure_batch: torch.Tensor | None = None) -> dict[str, Any]:
     """Grow the checkpoint ``src_dir`` (or a run directory holding ``checkpoint/``) into ``dst_dir``.
 
-    method: tokens | gstack | gstack_identity | width. init (tokens only): random | zero | preserving.
+    method: tokens | gstack | gstack_identity | expand | width. init (tokens only): random | zero | preserving.
     optimizer: fresh | carry | staged (staged: width only). schedule: restart (step 0) | continue.
     Returns the growth event (also appended to state.json["growth"]), with ``gap``: growth_gap of the old and
     the grown model on ``measure_batch`` (default: a fixed batch of random tokens)."""

@@ -26,7 +26,7 @@ from torch import nn
 INITS = ("random", "zero", "preserving")
 OPTIMIZERS = ("fresh", "carry", "staged")
 SCHEDULES = ("restart", "continue")
-METHODS = ("tokens", "gstack", "gstack_identity", "width")
+METHODS = ("tokens", "gstack", "gstack_identity", "expand", "width")
 
 
 class GrowthError(ValueError):
@@ -160,7 +160,8 @@ def materialize(old: nn.Module, new: nn.Module, plans: dict[str, ParamPlan], noi
         if tuple(value.shape) != tuple(p.shape):
             raise GrowthError(f"internal: plan for {name} gives shape {tuple(value.shape)}, expected {tuple(p.shape)}")
         if noise > 0:
-            eps = zero_sum_noise(p.shape, plan.axes, noise * float(w.float().std()), gen)
+            # relative to the grown weight itself (a reader cloned k ways holds W / k): a fixed signal-to-noise ratio
+            eps = zero_sum_noise(p.shape, plan.axes, noise * float(value.float().std()), gen)
             if eps is not None:
                 value = value + eps.to(value.dtype)
         mask = free_mask(plan.axes, p.shape)

@@ -24,10 +24,13 @@ Queries are scaled by sqrt(r) to undo SDPA's 1/sqrt(hd') (q'.k' / sqrt(r hd) = q
 (``w1``) and up (``w3``) rows duplicated -- and the down-projection (``w2``) column of a unit with c copies is
 divided by c.
 
-Symmetry: a pure clone stays a clone under gradient descent (copies get equal gradients). ``noise > 0`` adds
-zero-sum Gaussian noise across the copies each reader weight reads (std = noise x the weight's std): still
-function-preserving (the copies' activations are equal, the noise sums to zero), but the copies' gradients now
-differ. Default 0.
+Symmetry: a pure clone stays a clone under gradient descent (copies get equal gradients): trained on, it is
+the small model paying the big one's FLOPs. ``noise > 0`` adds zero-sum Gaussian noise across the copies each
+reader weight reads (std = noise x the std of the grown weight, so the weight's signal-to-noise ratio is
+-20 log10(noise) dB): still function-preserving (the copies' activations are equal, the noise sums to zero), but
+the copies' gradients now differ and they drift apart. :data:`DEFAULT_NOISE` is HyperCloning's noisy variant
+(arXiv 2409.12903: noise at a signal-to-noise ratio of about 10 dB), what growth matrices and ``harness grow``
+use unless told otherwise; this function's own default is the pure clone (0).
 
 Optimizer transfer (``staged``): the gradient of every entry of the exact clone is g times its source's, with
 g = 1/k for residual writers and block norm weights, 1 for residual readers (and the tied final norm),
@@ -44,6 +47,7 @@ from models.transformer import Transformer, TransformerConfig
 
 from .plan import AxisMap, Growth, GrowthError, ParamPlan, build_target, config_diff, materialize
 
+DEFAULT_NOISE = 10 ** (-10 / 20)  # 10 dB signal-to-noise ratio (HyperCloning's noisy cloning): 0.316 x the std
 WIDTH_FIELDS = ("d_model", "n_heads", "ffn_hidden")
 IGNORED = ("qkv_tokens", "proj_tokens")  # resolved to d_model and unused with linear projections
 REQUIRED = dict(projection="linear", ffn="swiglu", norm="rmsnorm", positions="rope", rotary_fraction=1.0,

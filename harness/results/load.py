@@ -45,7 +45,7 @@ class Run:
     entry_index: int
     compare_to: str | None
     waterfall: bool
-    reference: bool
+    reference: str | None        # a growth-cost reference: scratch | no_growth
     grow: dict | None
     lr: float | None
     lr_from_sweep: bool
@@ -122,7 +122,7 @@ def run_from_record(directory: Path, rec: dict[str, Any]) -> Run:
         phase=g("phase", "main"), status=g("status") or "unknown", seed=g("seed"),
         budget_index=int(g("budget_index") or 0), budget_label=g("budget_label") or "", matching=g("matching") or "none",
         entry_index=int(g("entry_index") or 0), compare_to=g("compare_to"), waterfall=bool(g("waterfall")),
-        reference=bool(g("reference")), grow=g("grow"), lr=_num(g("lr")), lr_from_sweep=bool(g("lr_from_sweep")),
+        reference="scratch" if g("reference") is True else (g("reference") or None), grow=g("grow"), lr=_num(g("lr")), lr_from_sweep=bool(g("lr_from_sweep")),
         params=_num(g("params")), non_embedding_params=_num(g("non_embedding_params")), flops=_num(g("flops")),
         cumulative_flops=_num(g("cumulative_flops", g("flops"))), flops_per_token=_num(g("flops_per_token")),
         tokens=_num(g("tokens")), steps=g("steps"), wall_time_s=_num(g("wall_time_s")),

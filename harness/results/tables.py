@@ -1,5 +1,5 @@
-"""Report tables (markdown lines) from a loaded store: matched compute, the component waterfall, growth cost,
-learning-rate sweeps, zero-shot results, every cell, and which earlier verdicts changed.
+"""Report tables (markdown lines) from a loaded store: matched compute, the component waterfall (growth cost:
+harness.results.growth), learning-rate sweeps, zero-shot results, every cell, and which earlier verdicts changed.
 
 Statistics: a comparison pairs runs by seed (every model sees the same data order for a seed) and tests the
 per-seed differences (paired t), with Welch's unpaired test beside it; the p-values of one *family* (every
@@ -274,75 +274,6 @@ def sweep_section(store: Store, matrix: str) -> list[str]:
                   f"·C^{fit['c_compute']:.3f}, fitted to its {len(fit['points'])} swept optima (RMS residual "
                   f"{rms:.3f} decades)", "", pd.DataFrame(rows).to_markdown(index=False), ""]
     return lines
-
-
-# --------------------------------------------------------------------------------------------------- growth
-def _target_key(run: Run) -> str:
-    import json
-    overrides = {k: v for k, v in ((run.raw.get("config") or {}).get("model_overrides") or {}).items()
-                 if k not in ("vocab_size", "max_seq_len")}
-    return json.dumps([run.model, run.preset, overrides], sort_keys=True)
-
-
-def growth_section(store: Store, matrix: str) -> tuple[list[str], list[Row]]:
-    """Per growth method (matrix entry) and target size: FLOPs to reach the from-scratch reference's mean final
-    loss with the base run counted, speedup and savings against scratch, the final loss against scratch (paired
-    by seed, Holm over the matrix's growth rows), and the growth gap."""
-    runs = store.main(matrix)
-    if not any(r.grow for r in runs):
-        return [], []
-    refs: dict[str, list[Run]] = {}
-    for r in runs:
-        if r.reference:
-            refs.setdefault(_target_key(r), []).append(r)
-    by_label = _groups(runs, "label")
-    rows = []
-    for (label,), items in by_label.items():
-        if not items[0].grow and not items[0].reference:
-            continue  # base stages appear through the grown rows' cumulative FLOPs
-        ref = refs.get(_target_key(items[0]), [])
-        rows.append(Row(matrix, "growth", label, None if items[0].reference or not ref else ref[0].label,
-                        items[0].budget_label, items[0].matching, items, [] if items[0].reference else ref))
-    compare_family(rows)
-    table = []
-    for row in rows:
-        items, ref = row.runs, row.ref_runs if row.ref_runs else (row.runs if row.runs[0].reference else [])
-        target = _mean([r.val_loss for r in ref]) if ref else None
-
-        def hits(rs):
-            return [next((m.get("cumulative_flops", m["flops"]) for m in r.curve if m["val_loss"] <= target), None)
-                    for r in rs] if target is not None else []
-
-        mine, theirs = hits(items), [h for h in hits(ref) if h is not None]
-        reached = [h for h in mine if h is not None]
-        hit_m, hit_h = stats.mean_ci(reached)
-        speed = _mean(theirs) / hit_m if reached and theirs else float("nan")
-        totals = [r.cumulative_flops for r in items]
-        ref_total = _mean([r.cumulative_flops for r in ref]) if ref else float("nan")
-        events = [r.raw.get("growth_event") or {} for r in items]
-        gaps = [e["gap"]["rel_logit_change"] for e in events if e.get("gap")]
-        before = [e.get("loss_before") for e in events if e.get("loss_before") is not None]
-        after = [r.raw.get("init_val_loss") for r in items if r.raw.get("init_val_loss") is not None]
-        gap = f"{_mean(gaps):.3g}" + (f"; {_mean(before):.3f} → {_mean(after):.3f}" if before and after else "") if gaps else "-"
-        grow = items[0].grow or {}
-        loss_m, loss_h = stats.mean_ci([r.val_loss for r in items])
-        table.append({"entry": row.label, "method": "scratch" if items[0].reference else " ".join(
-                          str(grow.get(k)) for k in ("method", "init", "optimizer", "schedule") if grow.get(k)),
-                      "target": f"{items[0].model}/{items[0].preset}", "seeds": len(items),
-                      "final val loss": stats.fmt_ci(loss_m, loss_h), "total FLOPs": human(_mean(totals)),
-                      "FLOPs to target": (stats.fmt_ci(hit_m / 1e12, hit_h / 1e12, 3) + "T" if reached else "not reached")
-                      + (f" ({len(reached)}/{len(mine)})" if mine and len(reached) < len(mine) else ""),
-                      "speedup": f"{speed:.2f}x" if math.isfinite(speed) else "-",
-                      "savings": f"{1 - _mean(totals) / ref_total:+.0%}" if math.isfinite(ref_total) else "-",
-                      **{k: v for k, v in stat_columns(row).items() if k != "Δ bits/byte [95% CI]"},
-                      "growth gap": gap})
-    lines = ["## Growth cost (base run counted)", "",
-             "Target = the from-scratch reference's mean final validation loss at the same size. FLOPs are cumulative "
-             "training FLOPs including the base run(s). Speedup = scratch FLOPs to the target ÷ the method's; savings = "
-             "1 − the method's total FLOPs ÷ scratch's total. Final loss against scratch: paired by seed, p Holm over "
-             "this matrix's growth rows. Gap: relative logit change on a fixed batch at growth, and validation loss "
-             "just before → just after growth.", "", f"### {matrix}", "", pd.DataFrame(table).to_markdown(index=False), ""]
-    return lines, rows
 
 
 # ------------------------------------------------------------------------------------------------ zero-shot

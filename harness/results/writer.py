@@ -7,7 +7,7 @@ from typing import Any
 
 from .. import stats
 from .. import store as _store
-from . import frontier, plots, tables
+from . import frontier, growth, plots, tables
 from .load import EARLIER_VERDICTS, Store, load
 
 VERDICTS = "verdicts.json"
@@ -98,7 +98,7 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Path:
                 plots.frontier(df, out_dir / name)
                 lines += [f"![final loss per budget]({name})", ""]
         verdicts += tables.verdict_records(rows)
-        section, rows = tables.growth_section(store, matrix)
+        section, rows = growth.section(store, matrix)
         if rows:
             name = plot_name(matrix, plots.GROWTH_PLOT)
             curves = store.curves()

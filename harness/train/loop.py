@@ -28,7 +28,7 @@ from models.pattention import scale_tokens_of
 
 from .. import data as data_lib
 from .. import faults
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig, identity_dict
 from . import distributed
 from .checkpoint import load_checkpoint, read_state, recover, save_checkpoint
 from .distributed import DistInfo, all_reduce_sum
@@ -56,7 +56,7 @@ class Diverged(FloatingPointError):
 
 def check_resume_config(saved: dict[str, Any], cfg: TrainConfig, where: Path) -> None:
     """Refuse to continue a checkpoint under a config that trains differently (one line naming the field)."""
-    now = asdict(cfg)
+    now, saved = identity_dict(cfg), identity_dict(saved)
     for name in RESUME_FIELDS:
         old, new = saved.get(name), json.loads(json.dumps(now.get(name), default=str))
         if name == "data" and isinstance(old, dict) and isinstance(new, dict):
@@ -160,7 +160,7 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
     if mode == "fsdp":
         amp_dtype = None  # FSDP2's mixed-precision policy already computes in bf16
     flops_per_token = model.flops_per_token(seq_len)
-    steps = total_steps(cfg, flops_per_token, seq_len)
+    own_steps = total_steps(cfg, flops_per_token, seq_len)  # this run's budget, counted from run_start
     batcher = dataset.batcher(seq_len, cfg.batch_size, cfg.seed)
     tokens_per_step = cfg.batch_size * seq_len
 
@@ -203,6 +203,12 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
     elif info.is_main and metrics_path.exists():
         metrics_path.unlink()
     distributed.barrier(info)
+    # the run ends own_steps after it started (a grown run under schedule=continue starts at its base's step);
+    # the LR schedule spans the run, or schedule.horizon_tokens from step 0 of the chain when set (Staged
+    # Training: one schedule through growth)
+    steps = run_start + own_steps
+    horizon = steps if cfg.schedule.horizon_tokens is None else max(1, math.ceil(cfg.schedule.horizon_tokens
+                                                                                 / tokens_per_step))
 
     init_eval: dict[str, Any] = {}
     if init_dir is not None and init_dir != ckpt_dir:
@@ -234,7 +240,7 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
         for step in range(start_step, end_step):
             if fault is not None and step + 1 == fault:
                 os.kill(os.getpid(), signal.SIGKILL)
-            lr = lr_at(step, steps, cfg.optim.lr, cfg.schedule)
+            lr = lr_at(step, horizon, cfg.optim.lr, cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x_all, y_all = batcher.get_batch(data_offset + step, info.rank, info.world_size)

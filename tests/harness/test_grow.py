@@ -168,6 +168,32 @@ def test_width_noise_breaks_the_clone_symmetry(batch):
         assert torch.allclose(w1[:192], w1[192:], rtol=0, atol=1e-8) == symmetric
 
 
+def test_hypercloning_noise_lets_the_clones_drift_apart_from_an_exact_start(batch):
+    """d64 -> d128 width growth trained 5 AdamW steps: the pure clone's two halves of every embedding row stay
+    bitwise equal (the degenerate case: a d64 model paying for d128), while with HyperCloning's 10 dB noise
+    (the default of growth matrices and harness grow) they differ by more than 1e-3 relative, although both
+    grown models start within 1e-5 (relative logit change) of the small model."""
+    from harness.grow.width import DEFAULT_NOISE
+    assert DEFAULT_NOISE == pytest.approx(0.3162, abs=1e-4)  # 10 dB: noise power a tenth of the signal's
+    old = trained_like(build("transformer_pp"))
+    drift = {}
+    for noise in (0.0, DEFAULT_NOISE):
+        new = grow_width(old, cfg("transformer_pp", d_model=128, n_heads=8), noise=noise, seed=3).model
+        assert growth_gap(old, new, batch)["rel_logit_change"] < 1e-5
+        opt = torch.optim.AdamW(new.parameters(), lr=1e-3)
+        new.train()
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(5):
+            x = torch.randint(0, new.config.vocab_size, (4, 33), generator=gen)
+            F.cross_entropy(new(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten()).backward()
+            opt.step()
+            opt.zero_grad()
+        emb = new.tok_emb.weight.detach()
+        drift[noise] = float((emb[:, :64] - emb[:, 64:]).norm() / emb[:, :64].norm())
+    assert drift[0.0] == 0.0
+    assert drift[DEFAULT_NOISE] > 1e-3, drift
+
+
 # ------------------------------------------------------------------------------------ checkpoints and training
 def run_config(corpus, cache, **kw):
     return tiny_train_config(corpus, cache, **{"budget": {"steps": 3}, "eval_every": 3, "eval_batches": 1, **kw})
@@ -308,3 +334,30 @@ def test_cli_grow(runs, tmp_path):
 def test_grow_model_dispatch_rejects_unknown_method():
     with pytest.raises(GrowthError, match="method"):
         grow_model(build("transformer_pp"), cfg("transformer_pp"), "deeper")
+
+
+def test_staged_training_carries_one_schedule_through_growth(corpus, tmp_path):
+    """Staged Training (arXiv 2203.06211): the base stops half-way through one 8-step schedule
+    (schedule.horizon_tokens), width growth carries the scaled Adam state and the step (schedule=continue), and
+    the grown run trains its own 4 steps from there. The learning rates of the two stages, step by step, are
+    those of an ungrown 8-step run (an independent run of the same loop, no horizon), and compute adds up."""
+    sched = {"kind": "cosine", "warmup_fraction": 0.25, "min_lr_ratio": 0.1}
+    tokens_per_step = 4 * 32
+    lrs = lambda path: [m["lr"] for m in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
+                        if "lr" in m]
+    whole = tmp_path / "whole"
+    train(run_config(corpus, tmp_path / "cache", model="transformer_pp", budget={"steps": 8}, log_every=1,
+                     schedule=sched), whole)
+    base_cfg = run_config(corpus, tmp_path / "cache", model="transformer_pp", budget={"steps": 4}, log_every=1,
+                          schedule={**sched, "horizon_tokens": 8 * tokens_per_step})
+    base = train(base_cfg, tmp_path / "base")
+    ev = grow_checkpoint(tmp_path / "base", tmp_path / "grown", method="width", to={"d_model": 128, "n_heads": 8},
+                         optimizer="staged", schedule="continue")
+    assert ev["step"] == 4 and read_state(tmp_path / "grown")["config"]["schedule"] == base_cfg.schedule.__dict__
+    grown = train(run_config(corpus, tmp_path / "cache", **ev["train_config"], budget={"steps": 4}, log_every=1,
+                             schedule=base_cfg.schedule.__dict__, init_from=str(tmp_path / "grown")),
+                  tmp_path / "run")
+    assert lrs(tmp_path / "base") + lrs(tmp_path / "run") == pytest.approx(lrs(whole), rel=1e-12)
+    assert len(lrs(whole)) == 8 and lrs(whole)[3] > lrs(whole)[-1]  # growth sits mid-decay, not at a restart
+    assert grown["steps"] == 8 and grown["complete"] and grown["tokens"] == 4 * tokens_per_step
+    assert grown["cumulative_flops"] == pytest.approx(base["flops"] + grown["flops"])

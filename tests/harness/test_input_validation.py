@@ -302,3 +302,35 @@ def test_eval_and_bench_refuse_with_one_line(src_run, capsys, tmp_path):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("harness: error: ") and needle in err[0], (argv, err)
     assert not (tmp_path / "b").exists()
+
+
+GROWTH_BASE = {"label": "b", "model": "tokenformer", "budget": {"steps": 4}}
+GROWN = {"label": "g", "model": "tokenformer", "budget": {"steps": 4}, "model_overrides": {"ffn_hidden": 512}}
+
+
+@pytest.mark.parametrize("models, needle", [
+    ([GROWTH_BASE, {**GROWN, "grow_from": {"from": "b", "method": "tokens", "schedule": "continue"}}],
+     "models[1].grow_from.schedule: continue needs its base 'b' to set schedule.horizon_tokens"),
+    ([{**GROWTH_BASE, "schedule": {"horizon_tokens": 2048}},
+      {**GROWN, "schedule": {"horizon_tokens": 4096},
+       "grow_from": {"from": "b", "method": "tokens", "schedule": "continue"}}],
+     "models[1].schedule.horizon_tokens: 4096 differs from its base's 2048"),
+    ([GROWTH_BASE, {**GROWN, "optim": {"lr": 1e-3},
+                    "grow_from": {"from": "b", "method": "tokens", "schedule": "continue"}}],
+     "models[1].grow_from.schedule: continue keeps its base's peak LR"),
+    ([GROWTH_BASE, {**GROWN, "grow_from": {"from": "b", "method": "tokens", "noise": 0.1}}],
+     "models[1].grow_from.noise: applies to method width only"),
+    ([GROWTH_BASE, {**GROWN, "grow_from": {"from": "b", "method": "tokens", "lr": 1}}],
+     "models[1].grow_from needs from and method"),
+    ([GROWTH_BASE, {**GROWN, "lr_from": "nobody"}], "models[1].lr_from: 'nobody' is not the label of an earlier"),
+    ([GROWTH_BASE, {**GROWN, "lr_from": "b", "optim": {"lr": 1e-3}}], "models[1].lr_from: give optim.lr or lr_from"),
+    ([GROWTH_BASE, {**GROWN, "flops_of": "b"}], "models[1].flops_of: sets the budget"),
+    ([GROWTH_BASE, {"label": "s", "model": "tokenformer", "flops_of": "b", "reference": "maybe"}],
+     "models[1].reference: 'maybe' is not one of"),
+])
+def test_growth_entries_name_the_bad_field(models, needle):
+    from harness.matrix import expand
+    with pytest.raises(ConfigError) as e:
+        expand({"name": "gv", "defaults": {"data": {"source": "embedded", "tokenizer": "byte"}, "seq_len": 32},
+                "models": models}, "gv.yaml")
+    assert needle in str(e.value) and "\n" not in str(e.value)

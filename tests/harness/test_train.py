@@ -189,7 +189,52 @@ def test_growth_chain_in_a_matrix(corpus, tmp_path):
     assert grown["data_offset"] == 4 and grown["flops_offset"] == pytest.approx(base["flops"])
     assert grown["cumulative_flops"] == pytest.approx(base["flops"] + grown["flops"])
     text = write_report(tmp_path / "store" / "gr").read_text()
-    assert "## Growth cost (base run counted)" in text and "tokens preserving fresh restart" in text
+    assert "## Growth cost (base run counted)" in text and "exact (zero keys, √n held); fresh AdamW, schedule restarted" in text
     # re-running skips everything, including the growth
     again = run_matrix(m, tmp_path / "store", log=lambda *_: None)
     assert [r["finished_at"] for r in again] == [r["finished_at"] for r in records.values()]
+
+
+def test_growth_study_tunes_grown_arms_carries_one_schedule_and_matches_flops(corpus, tmp_path):
+    """A growth study end to end: the base and a fresh grown arm are swept (the arm's sweep cells grow from the
+    first seed's base), a one-schedule base takes the base's rate and its carried arm continues that schedule,
+    and scratch gets exactly the chain's total FLOPs as the loop measured them."""
+    from dataclasses import asdict
+    defaults = asdict(config(corpus, tmp_path / "c", budget={"steps": 4}))
+    defaults["schedule"] = {"kind": "cosine", "warmup_fraction": 0.25, "min_lr_ratio": 0.1}
+    big = {"qkv_tokens": 96, "proj_tokens": 96, "ffn_hidden": 384}
+    m = expand({"name": "gs", "defaults": defaults, "seeds": [0, 1],
+                "lr_sweep": {"center": 4e-3, "points": 5, "bounds": [1e-4, 1.0], "seeds": [7]},
+                "models": [
+        {"label": "base", "model": "tokenformer", "budget": {"steps": 4}},
+        {"label": "base1", "model": "tokenformer", "budget": {"steps": 4}, "lr_from": "base",
+         "schedule": {"horizon_tokens": 8 * 4 * 32}},
+        {"label": "fresh", "model": "tokenformer", "budget": {"steps": 4}, "model_overrides": big,
+         "grow_from": {"from": "base", "method": "tokens", "init": "random"}},
+        {"label": "carried", "model": "tokenformer", "budget": {"steps": 4}, "model_overrides": big,
+         "grow_from": {"from": "base1", "method": "tokens", "init": "preserving", "optimizer": "carry",
+                       "schedule": "continue"}},
+        {"label": "scratch", "reference": "scratch", "model": "tokenformer", "flops_of": "fresh",
+         "model_overrides": big, "optim": {"lr": 4e-3}}]})
+    records = run_matrix(m, tmp_path / "store", log=lambda *_: None)
+    assert all(r["status"] == "complete" for r in records), [r.get("error") for r in records]
+    main = {(r["label"], r["seed"]): r for r in records if r["phase"] == "main"}
+    sweeps = [r for r in records if r["phase"] == "sweep"]
+    choice = json.loads((tmp_path / "store/gs/lr_choice.json").read_text())
+    assert {r["label"] for r in sweeps} == {"base", "fresh"} and set(choice) == {"base", "fresh"}
+    # every swept rate of the grown arm starts from the seed-0 base's final checkpoint
+    assert {r["growth_event"]["source"] for r in sweeps if r["label"] == "fresh"} == \
+        {str(tmp_path / "store/gs" / main[("base", 0)]["cell_id"] / "checkpoint")}
+    for seed in (0, 1):
+        assert main[("fresh", seed)]["lr"] == choice["fresh"]["0"]["lr"]
+        assert main[("base", seed)]["lr"] == main[("base1", seed)]["lr"] == main[("carried", seed)]["lr"] \
+            == choice["base"]["0"]["lr"]
+        # one schedule: the carried arm runs steps 5..8 of the 8-step schedule its base started
+        carried = main[("carried", seed)]
+        assert carried["steps"] == 8 and carried["growth_event"]["step"] == 4
+        assert carried["config"]["schedule"]["horizon_tokens"] == 8 * 4 * 32
+        # scratch: the chain's total FLOPs, as the loop counted them, to within one of its own steps
+        chain = main[("fresh", seed)]["cumulative_flops"]
+        scratch = main[("scratch", seed)]
+        assert scratch["budget"]["flops"] == pytest.approx(chain, rel=1e-12)
+        assert 0 <= scratch["flops"] - chain < scratch["flops_per_token"] * 4 * 32
