@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="train every cell of a matrix (default: the shipped 'default'), then report")
     r.add_argument("matrix", nargs="?", help="a shipped matrix name or a YAML path")
-    r.add_argument("--out", help="results root (default results/runs)")
+    r.add_argument("--out", help="results root (default runs/, git-ignored; the committed results: --out results/runs)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a defaults field of the matrix")
     r.add_argument("--force", action="store_true", help="retrain cells that are already complete")
     r.add_argument("--list", action="store_true", help="list the cells and exit")
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     rep = sub.add_parser("report", help="write report.md and plots from a results directory")
-    rep.add_argument("results", nargs="?", help="results directory (default results/runs)")
+    rep.add_argument("results", nargs="?", help="results directory (default runs/)")
     rep.add_argument("--out", help="where to write (default: the results directory)")
     rep.add_argument("--snapshot-verdicts", metavar="FILE", help="instead: write the verdicts of RESULTS as its "
                      "report printed them (Welch, uncorrected) to FILE; a matrix directory holding FILE as "

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 RECORD = "record.json"
-DEFAULT_ROOT = Path("results") / "runs"
+# a fresh clone trains into this git-ignored directory; the committed results under results/runs are regenerated
+# with an explicit --out results/runs
+DEFAULT_ROOT = Path("runs")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

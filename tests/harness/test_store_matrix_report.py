@@ -297,3 +297,15 @@ def test_validation_by_source_table(tmp_path):
     assert got["kjv loss"] == "1.5000 ± 6.3531" and got["shakespeare loss"] == "3.0000 ± 0.0000"
     assert got["kjv tokens"] == "170" and got["shakespeare tokens"] == "121"
     assert got["kjv bits/byte"].startswith(f"{1.5 / math.log(2):.3f} ± ")
+
+
+def test_a_fresh_clone_trains_into_an_ignored_directory_that_holds_no_committed_results():
+    """`harness run` on a fresh clone must train, not report the committed reference results as 'complete,
+    skipped': its default output is git-ignored and tracks nothing (the committed results use --out)."""
+    repo = Path(__file__).resolve().parents[2]
+    if not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    record = store.DEFAULT_ROOT / "default" / "tokenformer-tiny-seed0" / "record.json"
+    assert subprocess.run(["git", "check-ignore", "-q", str(record)], cwd=repo).returncode == 0
+    tracked = subprocess.run(["git", "ls-files", str(store.DEFAULT_ROOT)], cwd=repo, capture_output=True, text=True)
+    assert tracked.returncode == 0 and tracked.stdout == ""
