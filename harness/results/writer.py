@@ -31,6 +31,38 @@ def _data_note(store: Store) -> list[str]:
             "of the curves use evenly spread subsets.", ""]
 
 
+def _counts(values) -> str:
+    out: dict[str, int] = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return "; ".join(f"{k} ({n})" if len(out) > 1 else k for k, n in sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def provenance_section(store: Store, root: Path) -> list[str]:
+    """Where the numbers come from: the code revisions that trained the records, the libraries and hardware
+    they ran on, the commands that reproduce them, and the revision that wrote this report."""
+    runs = store.runs
+    env = [r.raw.get("environment") or {} for r in runs]
+    hardware = [f"{e.get('gpu') or 'CPU'} x{r.raw.get('world_size') or 1}, {e.get('cpu_count', '?')} cores, "
+                f"{e.get('torch_threads', '?')} torch threads, {e.get('platform', '?')}" for e, r in zip(env, runs)]
+    libs = [", ".join(f"{k} {v}" for k, v in sorted((r.raw.get("versions") or {}).items())) or "not recorded"
+            for r in runs]
+    sources = {r.matrix: r.raw.get("matrix_source") for r in runs if r.matrix}
+    short = lambda rev: (rev[:12] + ("-dirty" if rev.endswith("-dirty") else "")) if rev else "not recorded"
+    out = ["## Provenance", "",
+           f"- Report: `harness report {root}` at revision {short(_store.git_revision())}.",
+           f"- Records trained at revision: {_counts(short(r.raw.get('git_revision')) for r in runs)}.",
+           f"- Libraries: {_counts(libs)}; Python {_counts(e.get('python', '?') for e in env)}.",
+           f"- Hardware: {_counts(hardware)}.",
+           f"- Precision: {_counts(r.precision or '?' for r in runs)}."]
+    for matrix, source in sorted(sources.items()):
+        name = Path(source).stem if source else matrix
+        out.append(f"- `{matrix}`: `harness run {name} --out {root.parent if root.name == matrix else root}` "
+                   f"(matrix file {Path(source).name if source else 'unknown'}; complete cells are skipped, "
+                   f"so this re-trains nothing that is already here).")
+    return out + [""]
+
+
 def legacy_verdicts(store: Store) -> list[dict[str, Any]]:
     """The verdicts the report printed before the paired/Holm protocol: Welch's t-test, uncorrected, for the
     same comparisons (matched compute against the tokenformer entry per budget; each rung against its vs)."""
@@ -75,6 +107,7 @@ def write_report(root: str | Path, out_dir: str | Path | None = None) -> Path:
              f"({sum(r.phase == 'main' for r in store.runs)} evaluation runs, "
              f"{sum(r.phase == 'sweep' for r in store.runs)} sweep runs).", ""]
     lines += _data_note(store)
+    lines += provenance_section(store, root)
     lines += tables.flagged_section(store)
     verdicts: list[dict[str, Any]] = []
     for matrix in store.matrices:

@@ -392,8 +392,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _progress(enabled: bool, start: int, total: int, desc: str):
     if not enabled:
         return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True, leave=False, file=sys.stderr)
+    from .progress import progress
+    return progress(total, start, desc)  # a bar on a terminal, a line every 30 s in a log
 
 
 def _tensorboard(out_dir: Path):

@@ -20,6 +20,9 @@ def _cell(root, label, seed, curve, entry_index, **fields):
                            "preset": "tiny", "phase": "main", "status": "complete", "seed": seed,
                            "entry_index": entry_index, "val_loss": curve[-1][1], "val_bpb": curve[-1][1] / 0.69,
                            "cumulative_flops": curve[-1][0], "flops": curve[-1][0], "budget_label": "x",
+                           "git_revision": "0123456789abcdef0123" + ("-dirty" if seed == 2 else ""),
+                           "versions": {"torch": "2.13.0+cpu"}, "matrix_source": "/x/harness/matrices/g.yaml",
+                           "environment": {"cpu_count": 2, "torch_threads": 1, "platform": "Linux", "python": "3.11"},
                            **fields})
     (d / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "cumulative_flops": f, "val_loss": v}) + "\n"
                                              for i, (f, v) in enumerate(curve)))
@@ -69,6 +72,10 @@ def test_growth_table_target_flops_saving_and_bootstrap(root):
     assert any(line.startswith("| scratch ") and "scratch at the target size" in line for line in text.splitlines())
     assert "no growth: the base size for the whole budget" in text
     assert "savings" not in header and "total FLOPs" not in header  # constant by construction: not columns
+    # provenance: the revisions that trained the records (8 clean, 4 dirty), libraries, hardware, the command
+    assert "- Records trained at revision: 0123456789ab (8); 0123456789ab-dirty (4)." in text
+    assert "- Libraries: torch 2.13.0+cpu; Python 3.11." in text and "CPU x1, 2 cores, 1 torch threads" in text
+    assert f"`harness run g --out {root}`" in text
 
 
 @pytest.mark.parametrize("init, name", [("zero", "paper (zero keys, √n changes)"),
