@@ -172,6 +172,9 @@ def cmd_report(args) -> int:
         print(f"updated the {path.parent.name} block of {args.readme}")
     print(path.read_text().split("\n![")[0])
     print(f"report: {path}")
+    if args.html:
+        from .results.html import write_html
+        print(f"html: {write_html(path)}")
     return 0
 
 
@@ -275,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write report.md and plots from a results directory")
     rep.add_argument("results", nargs="?", help="results directory (default runs/)")
     rep.add_argument("--out", help="where to write (default: the results directory)")
+    rep.add_argument("--html", action="store_true", help="also write report.html: one self-contained page (tables, "
+                     "embedded plots)")
     rep.add_argument("--snapshot-verdicts", metavar="FILE", help="instead: write the verdicts of RESULTS as its "
                      "report printed them (Welch, uncorrected) to FILE; a matrix directory holding FILE as "
                      "earlier_verdicts.json gets a table of the verdicts that changed")

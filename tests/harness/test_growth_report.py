@@ -87,3 +87,34 @@ def test_the_three_token_growth_variants_are_named_as_the_papers_do(init, name, 
     carried = run.__class__(**{**run.__dict__, "grow": {**run.grow, "init": init, "optimizer": "carry",
                                                          "schedule": "continue"}})
     assert growth.variant(carried) == f"{name}; Adam state carried, one schedule"
+
+
+def test_html_report_is_one_self_contained_page(root):
+    """report.html holds every table of report.md and every plot as an embedded PNG, and refers to no other
+    file (checked by parsing it; no browser on the test machines to take a screenshot)."""
+    import base64
+    from html.parser import HTMLParser
+
+    from harness.results.html import write_html
+    md = write_report(root / "g")
+    tables_md = sum(1 for a, b in zip(md.read_text().splitlines(), md.read_text().splitlines()[1:])
+                    if a.startswith("|") and b.startswith("|") and set(b.replace("|", "").strip()) <= set("-: "))
+    images_md = md.read_text().count("![")
+
+    class Page(HTMLParser):
+        tables, images, external = 0, [], []
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            self.tables += tag == "table"
+            if tag == "img":
+                self.images.append(a["src"])
+            for key in ("src", "href"):
+                if a.get(key) and not a[key].startswith(("data:", "#")):
+                    self.external.append(a[key])
+    page = Page()
+    page.feed(write_html(md).read_text())
+    assert page.tables == tables_md > 0 and len(page.images) == images_md > 0 and page.external == []
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
