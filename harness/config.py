@@ -24,17 +24,19 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: str = "embedded"        # embedded | path/glob of .txt/.jsonl | hf:<dataset>[:<config>]
+    # embedded | paths/globs of .txt, .jsonl[.gz|.zst], .parquet | a save_to_disk dir[:split] |
+    # bin:[uint16:|uint32:]<paths of pre-tokenized .bin> | hf:<dataset>[:<config>]  (harness/data/corpus.py)
+    source: str = "embedded"
     tokenizer: str = "byte"         # byte | gpt2 | neox | path to a tokenizer.json
     val_fraction: float = 0.05      # of documents, split deterministically by document id
-    text_field: str = "text"        # JSONL / HF field holding the text
+    text_field: str = "text"        # JSONL field / parquet or dataset column holding the text
     max_documents: int | None = None
     cache_dir: str | None = None    # token shards (default ~/.cache/tokenformer-bench or $TFB_CACHE)
 
     def validate(self, path: str = "data"):
         if isinstance(self.source, str) and not self.source.strip():
-            raise ConfigError(f"{path}.source: must not be empty (embedded, hf:<dataset>, or paths/globs of "
-                              f".txt/.jsonl files)")
+            raise ConfigError(f"{path}.source: must not be empty (embedded, hf:<dataset>, bin:<.bin files>, a "
+                              f"saved dataset, or paths/globs of .txt/.jsonl/.parquet files)")
         if isinstance(self.tokenizer, str) and not self.tokenizer.strip():
             raise ConfigError(f"{path}.tokenizer: must not be empty (byte, gpt2, neox, or a tokenizer.json path)")
         if not 0 < self.val_fraction < 1:

@@ -265,12 +265,13 @@ def check_source(data: DataConfig, field: str = "data.source") -> None:
     """The source exists and holds at least two documents (the split needs one of each side). Files are
     resolved and read lazily up to the second document; nothing is tokenized; a hub source is not contacted."""
     from .data.corpus import open_source
+    from .data.formats import CORPORA_PIP_COMMAND
     try:
-        corpus = open_source(data.source, data.text_field, data.max_documents)
+        corpus = open_source(data.source, data.text_field, data.max_documents, tokenizer=data.tokenizer)
         if str(data.source).startswith("hf:"):
             if importlib.util.find_spec("datasets") is None:
-                raise ConfigError(f"source {data.source!r} needs the `datasets` library: run "
-                                  f"`python -m pip install datasets`")
+                raise ConfigError(f"source {data.source!r} needs `datasets` (the `corpora` extra): run "
+                                  f"`{CORPORA_PIP_COMMAND}`")
             return
         found = sum(1 for _ in itertools.islice(corpus.documents(), 2))
     except ValueError as e:

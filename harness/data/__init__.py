@@ -42,9 +42,11 @@ def prepare_dataset(source: str | os.PathLike | Sequence[str | os.PathLike] | An
     ``~/.cache/tokenformer-bench``) and open the train/validation token memmaps.
 
     ``source``: ``"embedded"`` | ``"embedded:shakespeare"`` | ``"embedded:kjv"`` | paths, directories or globs of
-    ``.txt`` (one file = one document) / ``.jsonl`` (one line = one document, field ``text_field``) |
-    ``"hf:<dataset>[:<config>]"`` (needs ``max_documents`` or ``max_bytes``). A config object with these
-    fields as attributes (``harness.config.DataConfig``) may be passed instead, and then supplies them all.
+    ``.txt`` (one file = one document) / ``.jsonl[.gz|.zst]`` (one line = one document, field ``text_field``) /
+    ``.parquet`` (one row = one document, column ``text_field``) | a ``save_to_disk`` directory
+    (``"<dir>[:<split>]"``) | ``"bin:[uint16:|uint32:]<paths>"`` (ids of ``tokenizer``, not re-tokenized) |
+    ``"hf:<dataset>[:<config>]"`` (needs ``max_documents`` or ``max_bytes``); see ``corpus``. A config object
+    with these fields as attributes (``harness.config.DataConfig``) may be passed instead, and then supplies them all.
     ``val_fraction`` of the documents (by a hash of their ids, never fewer than one) form the validation split.
     ``progress``: tqdm bar while tokenizing (None: only on a terminal).
     """
@@ -60,6 +62,6 @@ def prepare_dataset(source: str | os.PathLike | Sequence[str | os.PathLike] | An
     if not (isinstance(val_fraction, (int, float)) and 0.0 < val_fraction < 1.0 and math.isfinite(val_fraction)):
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     tok = get_tokenizer(tokenizer)
-    corpus = open_source(source, text_field, max_documents, max_bytes)
+    corpus = open_source(source, text_field, max_documents, max_bytes, tokenizer=tok)
     path, meta, cached = load_or_build(corpus, tok, float(val_fraction), cache_dir, progress)
     return TokenDataset(path, meta, tok, open_split(path, meta, "train"), open_split(path, meta, "val"), cached)

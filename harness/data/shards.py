@@ -144,15 +144,22 @@ def _chunks(docs, max_docs: int = 512, max_bytes: int = 8 << 20):
 def build_shards(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float, out_dir: Path,
                  progress: bool | None = None) -> dict[str, Any]:
     """Tokenize ``corpus`` into ``out_dir`` (``train.bin``, ``val.bin``, ``meta.json``, the latter written last)
-    in one streaming pass; documents go to validation by ``corpus.SPLIT_RULE``. Returns the metadata."""
+    in one streaming pass; documents go to validation by ``corpus.SPLIT_RULE``. Returns the metadata.
+    Pre-tokenized documents (``Document.tokens``, from a ``bin:`` source) are copied, not re-tokenized: the
+    same split rule, layout and cache, only the encoder is skipped."""
     t0 = time.time()
+    if corpus.tokenizer is not None and corpus.tokenizer.identity != tokenizer.identity:
+        raise DataError(f"source {corpus.spec!r} holds {corpus.tokenizer.name} token ids; it cannot be read with "
+                        f"the {tokenizer.name} tokenizer (set data.tokenizer to its tokenizer)")
     dtype = token_dtype(tokenizer.vocab_size)
     w = {s: _SplitWriter(out_dir / f"{s}.bin", dtype) for s in SPLITS}
     bar = tqdm(total=corpus.total_bytes, unit="B", unit_scale=True, desc=f"tokenizing {corpus.name}",
                disable=None if progress is None else not progress, leave=False)
     try:
         for chunk in _chunks(corpus.documents()):
-            for doc, ids in zip(chunk, tokenizer.encode_arrays([d.text for d in chunk])):
+            encoded = iter(tokenizer.encode_arrays([d.text for d in chunk if d.tokens is None]))
+            for doc in chunk:
+                ids = doc.tokens if doc.tokens is not None else next(encoded)
                 unit = split_unit(doc.id)
                 n_bytes = len(doc.text.encode("utf-8"))
                 if unit < val_fraction:
