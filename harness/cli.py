@@ -232,6 +232,21 @@ def cmd_grow(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """A checkpoint as a Hugging Face model directory (harness.hf); bad requests raise HFError."""
+    from .hf import export_checkpoint
+    print(json.dumps(export_checkpoint(args.checkpoint, args.out, to=args.to, overwrite=args.force), indent=1))
+    return 0
+
+
+def cmd_import(args) -> int:
+    """A Hugging Face / mamba-ssm / official TokenFormer directory as a harness checkpoint (harness.hf)."""
+    from .hf import import_checkpoint
+    print(json.dumps(import_checkpoint(args.source, args.out, args.fmt, config=args.config, tokenizer=args.tokenizer,
+                                       overwrite=args.force), indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harness", description="Benchmark and evaluation harness for LM architectures")
     sub = p.add_subparsers(dest="command", required=True)
@@ -344,6 +359,28 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--out", required=True, help="the grown checkpoint directory to write")
     gr.add_argument("--force", action="store_true", help="replace --out if it exists")
     gr.set_defaults(func=cmd_grow)
+
+    # --to / --from are checked by harness.hf (one line naming the flag), not by argparse choices
+    ex = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory (config.json, "
+                        "model.safetensors, tokenizer files)")
+    ex.add_argument("checkpoint", help="run directory or its checkpoint/ directory")
+    ex.add_argument("--to", default="hf", help="target format: hf (transformer_pp -> Llama, gpt2 -> GPT-2, mamba "
+                    "-> Mamba, mamba2 -> Mamba2, tokenformer -> remote-code class)")
+    ex.add_argument("--out", required=True, help="the model directory to write")
+    ex.add_argument("--force", action="store_true", help="replace --out if it exists")
+    ex.set_defaults(func=cmd_export)
+
+    im = sub.add_parser("import", help="write a harness checkpoint from a Hugging Face, mamba-ssm or official "
+                        "TokenFormer model directory")
+    im.add_argument("source", help="the model directory (config.json / NeoX YAML + weights)")
+    im.add_argument("--from", dest="fmt", required=True, metavar="FORMAT", help="hf | mamba_ssm | tokenformer")
+    im.add_argument("--out", required=True, help="the checkpoint directory to write")
+    im.add_argument("--config", help="tokenformer: the NeoX YAML (configs/tokenformer/*_eval.yml) when the "
+                    "directory holds none (default: the official config of the weights' shapes)")
+    im.add_argument("--tokenizer", help="the run config's data.tokenizer (default: the export's, the source's "
+                    "tokenizer.json, or guessed from the vocabulary)")
+    im.add_argument("--force", action="store_true", help="replace --out if it exists")
+    im.set_defaults(func=cmd_import)
     return p
 
 
