@@ -134,19 +134,34 @@ def cmd_run(args) -> int:
             print(cell.cell_id)
         return 0
     root = args.out or store.DEFAULT_ROOT
+    from . import workers
+    workers.check_run_args(args)
+    if args.launcher:  # each worker runs the preflight where it trains (a login node may have no GPU)
+        return workers.launch(matrix, args, root)
     from .preflight import preflight_matrix
     # the name stays inside the root; data, tokenizer, device and model fit of every cell that will train:
     # a run that cannot start fails here, before the store holds a record or a report of it
     preflight_matrix(matrix, root, force=args.force, nproc=args.nproc)
+    only = [x for item in args.only or [] for x in item.split(",") if x]
+    if args.worker:
+        return workers.run_worker(matrix, root, nproc=args.nproc, only=only or None)
     from .report import write_report  # scipy and pandas: only for a run that starts
     print(f"matrix {matrix.name}: {len(matrix.cells)} cell(s) from {matrix.source} -> {root}/{matrix.name}")
-    only = [x for item in args.only or [] for x in item.split(",") if x]
     records = run_matrix(matrix, root, force=args.force, nproc=args.nproc, only=only or None)
     report = write_report(f"{root}/{matrix.name}")
     print()
     print(report.read_text().split("\n![")[0])
     print(f"report: {report}")
     return 1 if any(r.get("status") in ("failed", "diverged") for r in records) else 0
+
+
+def cmd_status(args) -> int:
+    """Cells of a matrix done / running / waiting / failed, from the store alone (harness.workers)."""
+    from . import store
+    from .matrix import load_matrix
+    from .workers import print_status
+    matrix = load_matrix(args.matrix, _parse_sets(args.set))
+    return print_status(matrix, Path(args.out or store.DEFAULT_ROOT), as_json=args.json)
 
 
 def cmd_report(args) -> int:
@@ -288,7 +303,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--nproc", type=int, default=1, help="data-parallel ranks per cell (launches torchrun)")
     r.add_argument("--only", action="append", metavar="LABEL", help="frontier matrices: train only this model "
                    "entry (repeatable); runners with disjoint --only share one matrix directory")
+    # many workers on one store (harness.workers): the same cooperative runner, launched N times
+    r.add_argument("--worker", action="store_true", help="run as one of many workers sharing --out: train the "
+                   "next free cell, wait for those others hold, exit when nothing is left (no report)")
+    r.add_argument("--launcher", help="local | slurm: start --workers workers through submitit "
+                   "(pip install 'tokenformer-bench[submitit]')")
+    r.add_argument("--workers", type=int, help="with --launcher: how many workers")
+    r.add_argument("--gpus-per-worker", type=int, help="with --launcher: GPUs of each worker (> 1: each cell is "
+                   "a torchrun of that many ranks; local default 1 when there are GPUs)")
+    r.add_argument("--partition", help="slurm: the partition")
+    r.add_argument("--account", help="slurm: the account")
+    r.add_argument("--time", type=int, help="with --launcher: each worker's time limit in minutes")
+    r.add_argument("--logs", help="with --launcher: submitit's folder (default ROOT/MATRIX/submitit)")
+    r.add_argument("--dry-run", action="store_true", help="with --launcher: print the executor and sbatch "
+                   "parameters, submit nothing")
     r.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("status", help="a matrix's cells: done / running (holder, host, step, heartbeat) / "
+                        "waiting / failed; reads only")
+    st.add_argument("matrix", nargs="?", help="a shipped matrix name or a YAML path")
+    st.add_argument("--out", help="results root (default runs/)")
+    st.add_argument("--set", action="append", metavar="KEY=VALUE", help="the --set overrides the run was given")
+    st.add_argument("--json", action="store_true", help="one JSON object")
+    st.set_defaults(func=cmd_status)
 
     rep = sub.add_parser("report", help="write report.md and plots from a results directory")
     rep.add_argument("results", nargs="?", help="results directory (default runs/)")

@@ -148,9 +148,14 @@ def claim(directory: str | Path, pid_rule: bool = True) -> Lease | None:
         return None
     os.close(fd)
     try:
-        if alive(read(directory)):  # re-check under the takeover lock
+        current = read(directory)
+        if alive(current):  # re-check under the takeover lock
             return None
-        (directory / LEASE).unlink(missing_ok=True)
+        if current is not None:
+            # a dead holder's lease. One read as missing is never deleted: the holder may just have released it
+            # (then the create below succeeds), or an NFS client's cached "no such file" may hide a live one
+            # (then the create fails and this runner tries again at its next poll)
+            (directory / LEASE).unlink(missing_ok=True)
         return Lease(directory, info) if _create(directory, info) else None
     finally:
         lock.unlink(missing_ok=True)
