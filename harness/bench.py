@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from models import registry, ssm_ops
 from models.components import CausalSelfAttention
+from models.pattention import Pattention
 
 from . import store
 from .train.validate import autocast  # the training loop's own: bench times what the loop runs
@@ -673,7 +674,8 @@ def bench_row(spec: BenchSpec, model_name: str, preset: str, seq_len: int, batch
     cfg = registry.get_config(model_name, preset, **overrides)
     vocab = cfg.vocab_size
     row.update(params=cfg.num_params(), non_embedding_params=cfg.num_params(non_embedding=True),
-               flops_per_token=cfg.flops_per_token(seq_len))
+               flops_per_token=cfg.flops_per_token(seq_len),
+               pattention_impl=getattr(cfg, "pattention_impl", None))  # the configured path (label), None: no Pattention field
     if spec.compile:
         torch._dynamo.reset()
 
@@ -713,6 +715,9 @@ def bench_row(spec: BenchSpec, model_name: str, preset: str, seq_len: int, batch
                 row["mfu"] = row["train_flops_per_s"] / peak["peak_flops"]
                 if is_ssm:
                     row["scan_backend"] = model.last_backend or ssm_ops.last_backend()
+                ran = sorted({m.last_impl for m in model.modules() if isinstance(m, Pattention) and m.last_impl})
+                if ran:  # what the timed steps ran ("auto" resolves per device and shape)
+                    row["pattention_impl_ran"] = ",".join(ran)
             except Exception as e:  # noqa: BLE001
                 failed("train", e)
             release_memory(device, collect=bool(row["errors"]))

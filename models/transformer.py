@@ -19,7 +19,7 @@ from torch import nn
 from .base import CausalLM, ModelConfig
 from .components import (FFNS, NORMS, POSITIONS, PROJECTIONS, FFNSpec, KVCache, NormSpec, ProjSpec, Rotary,
                          CausalSelfAttention, attention_flops, init_normal_, scaled_std)
-from .pattention import NORMALIZATIONS, Pattention
+from .pattention import IMPLS as PATTENTION_IMPLS, NORMALIZATIONS, Pattention
 
 
 def _round_up(x: float, multiple: int) -> int:
@@ -36,6 +36,10 @@ class TransformerConfig(ModelConfig):
     qkv_tokens: int = 0                 # pattention tokens of each of Q, K, V (0: d_model)
     proj_tokens: int = 0                # pattention tokens of the attention output (0: d_model)
     pattention_norm: str = "l2_norm_gelu"
+    # how every Pattention computes (models/pattention.py): reference | recompute | triton | auto. Numerics
+    # only, never shapes: counts and checkpoints are the same for all; configs saved before the field load
+    # as reference, the path they ran
+    pattention_impl: str = "reference"
     # FFN
     ffn: str = "swiglu"                 # swiglu | gelu_mlp | pattention
     ffn_hidden: int = 0                 # hidden width, or pattention tokens (0: 8/3 d rounded up to 64 for
@@ -68,6 +72,7 @@ class TransformerConfig(ModelConfig):
         check("norm", self.norm, NORMS)
         check("positions", self.positions, POSITIONS)
         check("pattention_norm", self.pattention_norm, NORMALIZATIONS)
+        check("pattention_impl", self.pattention_impl, PATTENTION_IMPLS)
         check("value_init", self.value_init, ("wang", "scaled"))
         check("gelu_approximate", self.gelu_approximate, ("none", "tanh"))
         for name in ("n_layers", "d_model", "n_heads", "vocab_size", "max_seq_len"):
@@ -178,6 +183,10 @@ class Transformer(CausalLM):
         self.lm_head = nn.Linear(d, V, bias=False, device=device)
         if cfg.tied_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        # set here rather than through ProjSpec / FFNSpec: the implementation is no part of the shapes they describe
+        for m in self.modules():
+            if isinstance(m, Pattention):
+                m.impl = cfg.pattention_impl
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
