@@ -493,8 +493,11 @@ def choose_lrs(matrix: Matrix, root: Path) -> dict[str, dict[str, Any]]:
         _lr_surface(matrix, choice)
         # several runners (harness run --only) may share one matrix: each merges the (label, budget) picks
         # of its own entries, never an empty or stale one over another runner's
+        archs = {e.label for e in matrix.entries if e.frontier and e.arch is None}
+
         def merge_picks(old):
-            new = {k: dict(v) for k, v in old.items() if v}
+            # an architecture taken out of the matrix leaves no picks behind
+            new = {k: dict(v) for k, v in old.items() if v and k.split("@")[0] in archs}
             for label, per_budget in choice.items():
                 if per_budget:
                     new.setdefault(label, {}).update(per_budget)

@@ -220,3 +220,14 @@ def test_a_failed_seed_is_final_and_nothing_trains_twice(tmp_path, monkeypatch):
     calls.clear()
     matrix_mod.run_matrix(expand(raw), tmp_path, log=lambda *a: None, only=["tokenformer"], force=True)
     assert len(calls) == len(set(calls)) == n
+
+
+def test_picks_of_an_architecture_taken_out_of_the_matrix_are_dropped(tmp_path):
+    """lr_choice.json is merged across runners: picks of every architecture still in the matrix stay (even a
+    rung another runner added by extension), those of one removed from it (here gpt9) go."""
+    (tmp_path / "fr").mkdir()
+    old = {"gpt9@d8": {"0": {"lr": 1e-3}}, "tokenformer@d8": {"0": {"lr": 2e-3}}}
+    (tmp_path / "fr" / matrix_mod.LR_CHOICE).write_text(json.dumps(old))
+    choice = matrix_mod.choose_lrs(expand(), tmp_path)
+    assert "gpt9@d8" not in choice and choice["tokenformer@d8"] == {"0": {"lr": 2e-3}}
+    assert json.loads((tmp_path / "fr" / matrix_mod.LR_CHOICE).read_text()) == choice
