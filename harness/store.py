@@ -42,6 +42,16 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str))
 
 
+def replace_dir(staging: Path, dst: Path) -> None:
+    """Put a fully written ``staging`` directory in place of ``dst`` (any old one removed first): a reader
+    sees the old directory, none, or the new one, never a half-written one."""
+    import shutil
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, dst)
+
+
 def update_json_locked(path: Path, update) -> Any:
     """Read-modify-write of a JSON file shared by several runners of one matrix (``harness run --only``):
     ``update(old) -> new`` runs under an exclusive lock on ``<path>.lock``, so one runner's keys never clobber

@@ -23,3 +23,14 @@ def tiny_train_config(corpus: Path, cache: Path, **overrides):
             "budget": {"steps": 8}, "eval_every": 4, "eval_batches": 2, "log_every": 1, "checkpoint_every": 3,
             "progress": False}
     return from_dict(TrainConfig, merge(base, overrides)).validate()
+
+
+def trained_like(model, scale: float = 0.02, seed: int = 1):
+    """Perturb a fresh model so that no weight sits at its init value (norm weights not 1, zero-initialised
+    projections not 0): what a trained checkpoint looks like to growth, export and conversion tests."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from models import registry
 from models.pattention import scale_tokens_of
 
 from harness.train.checkpoint import read_optimizer_state, resolve_checkpoint_dir
+from harness.store import replace_dir
 
 from .expand import expand_blocks
 from .plan import (INITS, METHODS, OPTIMIZERS, SCHEDULES, Growth, GrowthError, config_diff, growth_gap,
@@ -208,10 +208,7 @@ def grow_checkpoint(src_dir: str | Path, dst_dir: str | Path, *, method: str, to
     shutil.copyfile(src / "rng.safetensors", staging / "rng.safetensors")  # the source run's RNG states
     written["rng"] = json.loads((src / "state.json").read_text())["rng"]
     (staging / "state.json").write_text(json.dumps(written, indent=1))
-    if dst.exists():
-        shutil.rmtree(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, dst)
+    replace_dir(staging, dst)
     return event
 
 

@@ -17,23 +17,13 @@ from torch import nn
 
 from models.pattention import Pattention
 
-from .plan import Growth, GrowthError, ParamPlan, build_target, config_diff, materialize
-from .stack import depth_field, residual_outputs
+from .plan import Growth, GrowthError, ParamPlan, build_target, materialize
+from .stack import check_depth_growth, residual_outputs
 
 
 def check_expand(old, new) -> tuple[str, int, int]:
     """(depth field, L, P) of an expansion ``old`` -> ``new``, or a one-line GrowthError."""
-    if type(old) is not type(new):
-        raise GrowthError(f"block expansion keeps the architecture: {type(old).__name__} -> {type(new).__name__}")
-    field = depth_field(old)
-    diff = config_diff(old, new)
-    other = sorted(k for k in diff if k != field)
-    if other:
-        raise GrowthError(f"block expansion changes only the depth ({field}); the target also changes "
-                          f"{', '.join(f'{k} {diff[k][0]}->{diff[k][1]}' for k in other)}")
-    L, L2 = getattr(old, field), getattr(new, field)
-    if L2 <= L:
-        raise GrowthError(f"block expansion grows depth: target {field}={L2} is not more than the source's {L}")
+    field, L, L2 = check_depth_growth(old, new, "block expansion")
     P = L2 - L
     if L % P:
         raise GrowthError(f"block expansion inserts P = {L2} - {L} = {P} blocks, one after each of P equal groups: "

@@ -34,18 +34,25 @@ def depth_field(config) -> str:
     raise GrowthError(f"G_stack: {type(config).__name__} has no depth field ({' or '.join(DEPTH_FIELDS)})")
 
 
-def check_stack(old, new) -> int:
+def check_depth_growth(old, new, what: str) -> tuple[str, int, int]:
+    """(depth field, L, L') of a growth ``what`` (G_stack, block expansion) that changes the depth alone and
+    grows it, or a one-line GrowthError."""
     if type(old) is not type(new):
-        raise GrowthError(f"G_stack keeps the architecture: {type(old).__name__} -> {type(new).__name__}")
+        raise GrowthError(f"{what} keeps the architecture: {type(old).__name__} -> {type(new).__name__}")
     field = depth_field(old)
     diff = config_diff(old, new)
     other = sorted(k for k in diff if k != field)
     if other:
-        raise GrowthError(f"G_stack changes only the depth ({field}); the target also changes "
+        raise GrowthError(f"{what} changes only the depth ({field}); the target also changes "
                           f"{', '.join(f'{k} {diff[k][0]}->{diff[k][1]}' for k in other)}")
     L, L2 = getattr(old, field), getattr(new, field)
     if L2 <= L:
-        raise GrowthError(f"G_stack grows depth: target {field}={L2} is not more than the source's {L}")
+        raise GrowthError(f"{what} grows depth: target {field}={L2} is not more than the source's {L}")
+    return field, L, L2
+
+
+def check_stack(old, new) -> int:
+    _, L, L2 = check_depth_growth(old, new, "G_stack")
     if L2 % L:
         raise GrowthError(f"G_stack target depth {L2} is not a multiple of the source depth {L}")
     return L2 // L

@@ -19,6 +19,7 @@ from models.pattention import scale_tokens_of
 
 from .mapping import CLASSES, HFError, hf_config, to_hf_weights
 from .tokenizer_files import write_tokenizer
+from harness.store import replace_dir
 
 TARGETS = ("hf",)
 REMOTE_FILE = "modeling_tokenformer.py"
@@ -95,10 +96,7 @@ def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, to: str = 
         from safetensors.torch import save_file
         save_file(to_hf_weights(name, cfg, model.state_dict()), str(staging / "model.safetensors"),
                   metadata={"format": "pt"})
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, out)
+        replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     remote = ", trust_remote_code=True" if cls == "TokenFormerForCausalLM" else ""

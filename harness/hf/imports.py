@@ -23,6 +23,7 @@ from .export import check_out
 from .mapping import HFError, decode_json, from_hf_config, from_hf_weights, hf_config
 from .releases import load_weights, read_mamba_ssm, read_tensors, read_tokenformer
 from .tokenizer_files import NAMED, guess_tokenizer
+from harness.store import replace_dir
 
 FORMATS = ("hf", "mamba_ssm", "tokenformer")
 
@@ -146,10 +147,7 @@ def import_checkpoint(src: str | os.PathLike, out: str | os.PathLike, fmt: str, 
         save_checkpoint(staging, model, None, state)
         if copy is not None:
             shutil.copyfile(copy, staging / "tokenizer.json")
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, out)
+        replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     sets = f"--set model_overrides='{json.dumps(overrides)}' --set data.tokenizer={spec} --set init_from={out}"

@@ -17,19 +17,10 @@ from harness.train.checkpoint import load_model_from_checkpoint, read_state
 from harness.train.loop import train
 from models import registry
 from models.pattention import Pattention
-from tests.fixtures import tiny_train_config
+from tests.fixtures import tiny_train_config, trained_like
 
 V = 320
 TOKENS = dict(qkv_tokens=96, proj_tokens=96, ffn_hidden=384)
-
-
-def trained_like(model, scale=0.02, seed=1):
-    """Perturb a fresh model so that no weight sits at its init value (norm weights not 1, etc.)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
 
 
 def build(name, **kw):

@@ -9,7 +9,7 @@ from harness.grow import (GrowthError, METHODS, expand_blocks, grow_checkpoint, 
 from harness.train.checkpoint import load_model_from_checkpoint, read_state
 from harness.train.loop import train
 from models import registry
-from tests.fixtures import tiny_train_config
+from tests.fixtures import tiny_train_config, trained_like
 
 V = 320
 # the residual-writing parameters of one block (relative names), per family: what a new block gets zeroed
@@ -18,15 +18,6 @@ ZEROED = {"transformer_pp": {"attn.wo.weight", "ffn.w2.weight"},
           "gpt2": {"attn.wo.weight", "attn.wo.bias", "ffn.proj.weight", "ffn.proj.bias"},
           "mamba": {"mixer.out_proj.weight"}}
 DEPTH = {"mamba": "n_layer"}
-
-
-def trained_like(model, scale=0.02, seed=1):
-    """Perturb a fresh model so that no weight sits at its init value (norm weights not 1, etc.)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
 
 
 def build(name, **kw):

@@ -19,6 +19,7 @@ from harness.hf import HFError, export_checkpoint, import_checkpoint  # noqa: E4
 from harness.train.checkpoint import load_model_from_checkpoint, read_state, save_checkpoint  # noqa: E402
 from models import registry  # noqa: E402
 from models.pattention import scale_tokens_of  # noqa: E402
+from tests.fixtures import trained_like as _trained_like
 
 ARCHS = ["transformer_pp", "gpt2", "mamba", "mamba2", "tokenformer"]
 CLASS = {"transformer_pp": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "mamba": "MambaForCausalLM",
@@ -26,12 +27,8 @@ CLASS = {"transformer_pp": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "mamba
 
 
 def trained_like(model, scale=0.1, seed=1):
-    """Perturb a fresh model so that no weight sits at its init value and greedy decoding does not collapse."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
+    """Larger perturbations than the growth tests': greedy decoding must not collapse."""
+    return _trained_like(model, scale, seed)
 
 
 def build(name, **kw):
