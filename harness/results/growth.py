@@ -192,8 +192,14 @@ def section(store: Store, matrix: str) -> tuple[list[str], list[Row]]:
         first = by_label[info["arms"][0]][0]
         total = _mean([r.cumulative_flops for lab in info["arms"] for r in by_label[lab]])
         shape = ", ".join(f"{k} {v}" for k, v in json.loads(key)[2].items())
+        fit = fits["fits"].get(first.model) if fits else None  # the frontier's entries are architectures
+        head = ""
+        if fits:  # one value per table (every arm has the table's total compute), so a heading, not a column
+            lo, hi = fits["range"]
+            head = (f", frontier L*(C) {float(loss_at(fit, total)):.4f}"
+                    + ("" if lo <= total <= hi else " (extrapolated)") if fit else ", frontier: no fit")
         lines += [f"### {matrix}: {first.model}/{first.preset}" + (f" ({shape})" if shape else "")
-                  + f" at {human(total)} FLOPs, target loss {info['target']:.4f}", ""]
+                  + f" at {human(total)} FLOPs, target loss {info['target']:.4f}{head}", ""]
         table = []
         for lab, row_s, row_n in entries:
             items = by_label[lab]
@@ -219,16 +225,9 @@ def section(store: Store, matrix: str) -> tuple[list[str], list[Row]]:
                    "saving vs scratch [95% CI]": ("-" if lab in info["scratch"] or not math.isfinite(sm) else
                                                   f"{sm:+.1%}" + (f" [{slo:+.1%}, {shi:+.1%}]"
                                                                   if math.isfinite(slo) else ""))}
-            if fits:
-                fit = fits["fits"].get(items[0].model)  # the frontier's entries are architectures
+            if fits:  # at the row's own compute, which can differ from the table's by a step's rounding
                 c = _mean([r.cumulative_flops for r in items])
-                if fit:
-                    lo, hi = fits["range"]
-                    star = float(loss_at(fit, c))
-                    out["frontier L*(C)"] = f"{star:.4f}" + ("" if lo <= c <= hi else " (extrapolated)")
-                    out["Δ vs frontier"] = f"{loss_m - star:+.4f}"
-                else:
-                    out["frontier L*(C)"] = out["Δ vs frontier"] = "no fit"
+                out["Δ vs frontier"] = f"{loss_m - float(loss_at(fit, c)):+.4f}" if fit else "no fit"
             out["growth gap"] = (f"{_mean(gaps):.3g}" + (f"; {_mean(before):.3f} → {_mean(after):.3f}"
                                                         if before and after else "")) if gaps else "-"
             table.append(out)

@@ -118,3 +118,21 @@ def test_html_report_is_one_self_contained_page(root):
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_frontier_value_heads_the_table_and_each_row_is_compared_with_it(root, monkeypatch):
+    # L*(C) = 2 + 1e9 / C: at the table's total compute (every arm ends at 4e9) 2.25, marked extrapolated
+    # because the frontier's budgets stop at 3e9; exact's final losses 2.0 → Δ -0.25; no growth 2.6 → +0.35
+    fit = {"E": 2.0, "A": 1e9, "alpha": 1.0}
+    monkeypatch.setattr(growth, "_frontier_fits", lambda store, runs: (
+        {"name": "f", "fits": {"tokenformer": fit}, "range": (1e9, 3e9)}, ""))
+    text = write_report(root / "g").read_text()
+    assert "target loss 2.6000, frontier L*(C) 2.2500 (extrapolated)" in text
+    header = next(line for line in text.splitlines() if line.startswith("| entry "))
+    names = [h.strip() for h in header.strip("|").split("|")]
+    assert "frontier L*(C)" not in names  # one value per table: the heading says it
+
+    def col(entry):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {entry} "))
+        return dict(zip(names, [c.strip() for c in row.strip("|").split("|")]))["Δ vs frontier"]
+    assert float(col("exact")) == pytest.approx(-0.25) and float(col("no growth")) == pytest.approx(0.35)
