@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from models import registry, ssm_ops
 from models.components import CausalSelfAttention
+from models.pattention import IMPLS as PATTENTION_IMPLS
 from models.pattention import Pattention
 
 from . import store
@@ -103,6 +104,9 @@ class BenchSpec:
     backend: str                          # auto | flash | cudnn | efficient | math
     out: Path
     sweep: bool = False
+    # Pattention implementations to measure, one row each, for models that have Pattentions (None: each
+    # model's configured one); models without a pattention_impl field get a single row
+    pattention_impls: list[str] | None = None
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -182,7 +186,7 @@ def _check_cpu_rows(cells, seq_lens, batch_sizes, dtype: str, memory: tuple[int,
 
 def make_spec(model=None, preset=None, seq_len=None, batch_size=None, decode_batch=None, decode_tokens=None,
               repeats=None, warmup=None, device="auto", dtype="auto", compile=False, out=None, sweep=False,
-              backend="auto") -> BenchSpec:
+              backend="auto", pattention_impl=None) -> BenchSpec:
     """Validate a request (comma strings or lists) into a BenchSpec; raise BenchError naming what is wrong.
 
     ``model`` entries may carry their own preset, ``name:preset`` (``transformer_pp:350m,tokenformer:450m``);
@@ -198,6 +202,16 @@ def make_spec(model=None, preset=None, seq_len=None, batch_size=None, decode_bat
         raise BenchError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     if dtype == "auto":
         dtype = "bf16" if dev.type == "cuda" else "fp32"
+
+    impls = _split(pattention_impl, "--pattention-impl") or None
+    for impl in impls or ():
+        if impl not in PATTENTION_IMPLS:
+            raise BenchError(f"--pattention-impl: unknown implementation {impl!r}; valid: {', '.join(PATTENTION_IMPLS)}")
+        if impl == "triton" and dev.type != "cuda":
+            raise BenchError("--pattention-impl triton needs CUDA: on the CPU Triton runs only its interpreter, "
+                             "which is for correctness tests, not timing")
+    if impls:
+        impls = list(dict.fromkeys(impls))
 
     presets = _split(preset, "--preset") or list(DEFAULT_PRESETS)
     cells: list[tuple[str, str]] = []
@@ -248,7 +262,7 @@ def make_spec(model=None, preset=None, seq_len=None, batch_size=None, decode_bat
         decode_tokens=single(decode_tokens, "--decode-tokens", 1, defaults["decode_tokens"]),
         repeats=repeats, warmup=warmup,
         device=dev, dtype=dtype, compile=bool(compile), backend=backend,
-        out=Path(out) if out else DEFAULT_ROOT, sweep=bool(sweep))
+        out=Path(out) if out else DEFAULT_ROOT, sweep=bool(sweep), pattention_impls=impls)
 
 
 # ==========================================================================================================
@@ -330,6 +344,45 @@ def train_step(model, optimizer, loss_fn, inputs, targets, amp_dtype):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
+
+
+def saved_activation_bytes(model, loss_fn, inputs, targets, amp_dtype) -> dict[str, int]:
+    """What autograd keeps for backward after one forward + loss -- the activation memory a training step
+    holds at its peak, between forward and backward: the bytes of every distinct storage a saved tensor points
+    at, parameters excluded (they are resident anyway), and the part saved inside Pattention modules.
+
+    Counted through ``torch.autograd.graph.saved_tensors_hooks`` (eager only: a compiled graph decides its own
+    saved set), so it is exact and independent of the allocator, unlike a resident-set peak. A storage saved by
+    several ops counts once, for the first module that saved it."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, tuple[int, bool]] = {}
+    depth = [0]  # > 0 while a Pattention's forward runs
+
+    def pack(t):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen[ptr] = (st.nbytes(), depth[0] > 0)
+        return t  # the graph holds t as it would without the hook: the storages stay alive until it dies
+
+    def enter(*_):
+        depth[0] += 1
+
+    def leave(*_):
+        depth[0] -= 1
+    handles = []
+    for m in model.modules():
+        if isinstance(m, Pattention):
+            handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(inputs.device, amp_dtype):
+            loss = loss_fn(inputs, targets)
+        del loss  # the graph and everything it saved
+    finally:
+        for h in handles:
+            h.remove()
+    return {"saved_activation_bytes": sum(n for n, _ in seen.values()),
+            "pattention_saved_bytes": sum(n for n, inside in seen.values() if inside)}
 
 
 def prefill_step(model, tokens, cache):
@@ -607,9 +660,12 @@ def _train_phase(spec: BenchSpec, model, seq_len: int, batch: int, vocab: int,
         if meter is not None and device.type != "cuda":  # CUDA: max_memory_allocated saw the timed steps
             with meter.sampling():
                 train_step(model, optimizer, loss_fn, inputs, targets, spec.amp_dtype)
+        saved = ({} if spec.compile else
+                 saved_activation_bytes(model, loss_fn, inputs, targets, spec.amp_dtype))
     finally:
         model.zero_grad(set_to_none=True)
     out = {f"train_{k}": v for k, v in throughput(times, batch * seq_len).items()}
+    out.update(saved)
     out["train_first_step_s"] = first
     if meter is not None:
         out["peak_memory_bytes"] = meter.peak()
@@ -658,9 +714,10 @@ def _decode_phase(spec: BenchSpec, model, seq_len: int, batch: int, vocab: int) 
 
 
 def bench_row(spec: BenchSpec, model_name: str, preset: str, seq_len: int, batch: int,
-              peak: dict[str, Any]) -> dict[str, Any]:
-    """Measure one (model, preset, seq_len, batch) row. Phases fail independently: an OOM in one marks the
-    row "OOM" (any other error: "failed", with the message) and the other phases still run."""
+              peak: dict[str, Any], pattention_impl: str | None = None) -> dict[str, Any]:
+    """Measure one (model, preset, seq_len, batch[, Pattention implementation]) row. Phases fail
+    independently: an OOM in one marks the row "OOM" (any other error: "failed", with the message) and the
+    other phases still run."""
     device = spec.device
     row: dict[str, Any] = {
         "model": model_name, "preset": preset, "seq_len": seq_len, "batch_size": batch,
@@ -671,11 +728,14 @@ def bench_row(spec: BenchSpec, model_name: str, preset: str, seq_len: int, batch
     }
     base = registry.get_config(model_name, preset)
     overrides = {"max_seq_len": seq_len} if seq_len > base.max_seq_len else {}  # learned positions / rotary
+    if pattention_impl is not None:
+        overrides["pattention_impl"] = pattention_impl
     cfg = registry.get_config(model_name, preset, **overrides)
     vocab = cfg.vocab_size
     row.update(params=cfg.num_params(), non_embedding_params=cfg.num_params(non_embedding=True),
                flops_per_token=cfg.flops_per_token(seq_len),
-               pattention_impl=getattr(cfg, "pattention_impl", None))  # the configured path (label), None: no Pattention field
+               # the configured path (a label); None: the model has no Pattention
+               pattention_impl=cfg.pattention_impl if getattr(cfg, "uses_pattention", False) else None)
     if spec.compile:
         torch._dynamo.reset()
 
@@ -775,10 +835,19 @@ def _row_summary(row: dict[str, Any]) -> str:
         return "-" if x is None else (f"{x / 1e3:,.1f}k" if x >= 1e4 else f"{x:,.0f}")
     dec = " ".join(f"b{b} {k(e.get('tokens_per_s'))}" for b, e in (row.get("decode") or {}).items())
     mfu = row.get("mfu")
-    return (f"{row['model']}/{row['preset']} seq {row['seq_len']} batch {row['batch_size']}: "
+    impl = f" [{row['pattention_impl']}]" if row.get("pattention_impl") else ""
+    return (f"{row['model']}/{row['preset']}{impl} seq {row['seq_len']} batch {row['batch_size']}: "
             f"train {k(row.get('train_tokens_per_s'))} tok/s, MFU {'-' if mfu is None else f'{100 * mfu:.2f}%'}, "
             f"prefill {k(row.get('prefill_tokens_per_s'))} tok/s, decode {dec} tok/s"
             + ("" if row["status"] == "ok" else f" [{row['status']}: {'; '.join(row['errors'].values())}]"))
+
+
+def _impls(spec: BenchSpec, name: str, preset: str) -> list[str | None]:
+    """The Pattention implementations to measure for this cell: the asked ones when the model has Pattentions,
+    else one row with its configuration as it is (None: no override)."""
+    if spec.pattention_impls and getattr(registry.get_config(name, preset), "uses_pattention", False):
+        return list(spec.pattention_impls)
+    return [None]
 
 
 def run_bench(spec: BenchSpec, log: Callable[[str], None] | None = print) -> BenchResult:
@@ -796,17 +865,16 @@ def run_bench(spec: BenchSpec, log: Callable[[str], None] | None = print) -> Ben
             "request": {k: (str(v) if isinstance(v, (Path, torch.device)) else v)
                         for k, v in dataclasses.asdict(spec).items()}}
     rows: list[dict[str, Any]] = []
-    total = len(spec.cells) * len(spec.seq_lens) * len(spec.batch_sizes)
-    for name, preset in spec.cells:
-        for seq_len in spec.seq_lens:
-            for batch in spec.batch_sizes:
-                r0 = time.perf_counter()
-                row = bench_row(spec, name, preset, seq_len, batch, peak)
-                row["wall_s"] = time.perf_counter() - r0
-                rows.append(row)
-                log(f"[{len(rows)}/{total}] {_row_summary(row)} ({row['wall_s']:.1f} s)")
-                merged = bench_report.merge_rows(previous, rows)
-                bench_report.write_json(out, meta, merged)
+    plan = [(name, preset, seq_len, batch, impl) for name, preset in spec.cells for impl in _impls(spec, name, preset)
+            for seq_len in spec.seq_lens for batch in spec.batch_sizes]
+    for name, preset, seq_len, batch, impl in plan:
+        r0 = time.perf_counter()
+        row = bench_row(spec, name, preset, seq_len, batch, peak, impl)
+        row["wall_s"] = time.perf_counter() - r0
+        rows.append(row)
+        log(f"[{len(rows)}/{len(plan)}] {_row_summary(row)} ({row['wall_s']:.1f} s)")
+        merged = bench_report.merge_rows(previous, rows)
+        bench_report.write_json(out, meta, merged)
     if peak.get("peak_flops_measured"):
         # a timed matmul on a shared machine can catch a slow moment: measure again, keep the best, and base
         # every row of this run on it (MFU stays comparable across the rows)
@@ -833,7 +901,8 @@ def cli(args) -> int:
     spec = make_spec(model=args.model, preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size,
                      decode_batch=args.decode_batch, decode_tokens=args.decode_tokens, repeats=args.repeats,
                      warmup=args.warmup, device=args.device, dtype=args.dtype, compile=args.compile,
-                     out=args.out, sweep=args.sweep, backend=args.backend)
+                     out=args.out, sweep=args.sweep, backend=args.backend,
+                     pattention_impl=getattr(args, "pattention_impl", None))
     cells = ", ".join(f"{m}/{p}" for m, p in spec.cells)
     print(f"bench on {device_name(spec.device)} ({spec.dtype}{', compiled' if spec.compile else ''}, "
           f"sdpa {spec.backend}): {cells}; seq {spec.seq_lens}, batch {spec.batch_sizes}, decode batch "
@@ -844,6 +913,8 @@ def cli(args) -> int:
     print(bench_report.markdown_table(result.rows))
     print()
     for line in bench_report.ratio_lines(bench_report.matched_flops_ratios(result.rows)):
+        print(line)
+    for line in bench_report.impl_ratio_lines(bench_report.impl_ratios(result.rows)):
         print(line)
     print(f"MFU peak: {result.peak['peak_flops_source']}")
     print(f"peak mem: {result.rows[0].get('memory_method') if result.rows else '-'}")

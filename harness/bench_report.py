@@ -19,7 +19,8 @@ PLOT_NAME = "throughput_vs_seq_len.png"
 
 TOKENFORMER, TRANSFORMER_PP = "tokenformer", "transformer_pp"
 # the columns that identify a measurement (and pair rows for the ratio, without model and preset)
-_KEY = ("model", "preset", "seq_len", "batch_size", "device", "device_name", "dtype", "compile", "backend")
+_KEY = ("model", "preset", "seq_len", "batch_size", "device", "device_name", "dtype", "compile", "backend",
+        "pattention_impl")
 _PAIR = ("seq_len", "batch_size", "device", "device_name", "dtype", "compile", "backend")
 
 
@@ -74,6 +75,7 @@ def matched_flops_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             tok = tf["train_tokens_per_s"] / tpp["train_tokens_per_s"]
             flops = (tf["train_tokens_per_s"] * tf["flops_per_token"]) / (tpp["train_tokens_per_s"] * tpp["flops_per_token"])
             out.append({"tokenformer_preset": tf["preset"], "transformer_pp_preset": tpp["preset"],
+                        "pattention_impl": tf.get("pattention_impl"),
                         **dict(zip(_PAIR, key)), "tokens_per_s_ratio": tok, "flops_per_s_ratio": flops,
                         "time_per_flop_ratio": 1.0 / flops,
                         "tokenformer_flops_per_token": tf["flops_per_token"],
@@ -88,12 +90,59 @@ def ratio_lines(ratios: list[dict[str, Any]]) -> list[str]:
     lines = ["Matched-FLOPs ratio, Tokenformer ÷ Transformer++ training throughput (FLOP/s ratio = how much "
              "more training compute per second; its inverse is the ratio of time per training FLOP):"]
     for r in ratios:
+        impl = f" ({r['pattention_impl']})" if r.get("pattention_impl") else ""
         lines.append(
-            f"- tokenformer/{r['tokenformer_preset']} ÷ transformer_pp/{r['transformer_pp_preset']} at seq "
+            f"- tokenformer/{r['tokenformer_preset']}{impl} ÷ transformer_pp/{r['transformer_pp_preset']} at seq "
             f"{r['seq_len']}, batch {r['batch_size']}, {r['device']} {r['dtype']}"
             f"{', compiled' if r['compile'] else ''}: tokens/s {r['tokens_per_s_ratio']:.3f}×, "
             f"FLOP/s {r['flops_per_s_ratio']:.3f}× (time per training FLOP {r['time_per_flop_ratio']:.3f}×; "
             f"FLOPs/token {_si(r['tokenformer_flops_per_token'])} vs {_si(r['transformer_pp_flops_per_token'])})")
+    return lines
+
+
+_IMPL_PAIR = tuple(k for k in _KEY if k != "pattention_impl")
+
+
+def impl_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each Pattention implementation against the reference on the same model, preset, shape, device, dtype,
+    compile and backend: step time, peak training memory, and the bytes saved for backward (all of them, and
+    those saved inside Pattentions) -- each as this implementation ÷ the reference's."""
+    refs = {tuple(r.get(k) for k in _IMPL_PAIR): r for r in rows
+            if r.get("pattention_impl") == "reference" and _ok_train(r)}
+    out = []
+    for r in rows:
+        ref = refs.get(tuple(r.get(k) for k in _IMPL_PAIR))
+        if ref is None or r is ref or not _ok_train(r) or not r.get("pattention_impl"):
+            continue
+
+        def ratio(key):
+            a, b = r.get(key), ref.get(key)
+            return a / b if a is not None and b else None
+        out.append({**{k: r.get(k) for k in _IMPL_PAIR}, "pattention_impl": r["pattention_impl"],
+                    "pattention_impl_ran": r.get("pattention_impl_ran"),
+                    "step_time_ratio": ratio("train_time_s_median"),
+                    "peak_memory_ratio": ratio("peak_memory_bytes"),
+                    "saved_activation_ratio": ratio("saved_activation_bytes"),
+                    "pattention_saved_ratio": ratio("pattention_saved_bytes")})
+    return out
+
+
+def impl_ratio_lines(ratios: list[dict[str, Any]]) -> list[str]:
+    if not ratios:
+        return []
+
+    def x(v):
+        return "-" if v is None else f"{v:.3f}×"
+    lines = ["Pattention implementations ÷ the reference (same model, preset, shape, device, dtype, compile): "
+             "training step time (median), peak training memory, bytes saved for backward (all; inside "
+             "Pattentions):"]
+    for r in ratios:
+        ran = f", ran {r['pattention_impl_ran']}" if r.get("pattention_impl_ran") not in (None, r["pattention_impl"]) else ""
+        lines.append(
+            f"- {r['model']}/{r['preset']} {r['pattention_impl']}{ran} at seq {r['seq_len']}, batch {r['batch_size']}, "
+            f"{r['device']} {r['dtype']}{', compiled' if r['compile'] else ''}: step time {x(r['step_time_ratio'])}, "
+            f"peak memory {x(r['peak_memory_ratio'])}, saved for backward {x(r['saved_activation_ratio'])} "
+            f"(Pattention {x(r['pattention_saved_ratio'])})")
     return lines
 
 
@@ -145,6 +194,13 @@ def _backends(row: dict[str, Any]) -> str:
     return "; ".join(parts) or "-"
 
 
+def _saved(row: dict[str, Any]) -> str:
+    if row.get("saved_activation_bytes") is None:
+        return "-"
+    inner = row.get("pattention_saved_bytes")
+    return _bytes(row["saved_activation_bytes"]) + (f" ({_bytes(inner)})" if inner else "")
+
+
 def _decode(row: dict[str, Any]) -> str:
     parts = []
     for b, e in (row.get("decode") or {}).items():
@@ -157,11 +213,13 @@ def table_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     for r in rows:
         mfu = r.get("mfu")
         recs.append({
-            "model": r["model"], "preset": r["preset"], "seq": r["seq_len"], "batch": r["batch_size"],
+            "model": r["model"], "preset": r["preset"], "pattention": r.get("pattention_impl") or "-",
+            "seq": r["seq_len"], "batch": r["batch_size"],
             "device": r["device"], "dtype": r["dtype"] + (" compiled" if r.get("compile") else ""),
             "train tok/s (median, min–max)": _median_spread(r, "train"),
             "MFU": "-" if mfu is None else f"{100 * mfu:.2f}%",
             "peak mem": _bytes(r.get("peak_memory_bytes")),
+            "saved for backward (Pattention)": _saved(r),
             "prefill tok/s": _median_spread(r, "prefill"),
             "decode tok/s": _decode(r),
             "cache/seq": _bytes(r.get("cache_bytes_per_seq")),
@@ -189,6 +247,10 @@ def notes(rows: list[dict[str, Any]]) -> list[str]:
         "MFU = flops_per_token(seq) × train tokens/s ÷ peak FLOP/s, with the registry's training FLOPs "
         "(3 × forward, attention over the full S×S matrix); peak: " + "; ".join(peaks) + ".",
         "Peak mem (training): " + "; ".join(mem) + ".",
+        "Saved for backward: bytes of the distinct storages autograd keeps after one eager forward + loss "
+        "(saved-tensor hooks; parameters excluded), in brackets those saved inside Pattention modules; '-' for "
+        "compiled rows, whose graph chooses its own saved set. Pattention: the implementation the row asked "
+        "for (models/pattention.py).",
         "Prefill tok/s: batch × seq prompt tokens through `model.step` into a fresh cache. Decode tok/s: "
         "decode batch × new tokens / time of greedy one-token `model.step` calls after an untimed prefill, the "
         "context ending at seq (b1, b8: the decode batch). Inference weights and cache in the row's dtype.",
@@ -212,9 +274,12 @@ def write_outputs(out: str | Path, meta: dict[str, Any], rows: list[dict[str, An
     files.append(csv_path)
     order = {m: i for i, m in enumerate(("tokenformer", "transformer_pp", "mamba", "mamba2", "gpt2"))}
     ordered = sorted(rows, key=lambda r: (r.get("device", ""), r.get("dtype", ""), order.get(r["model"], 99),
-                                          r["model"], r["preset"], r["seq_len"], r["batch_size"]))
+                                          r["model"], r["preset"], r["seq_len"], r["batch_size"],
+                                          bool(r.get("compile")), r.get("pattention_impl") or ""))
     lines = ["# Throughput, MFU and memory (`harness bench`)", "", markdown_table(ordered), ""]
     lines += ratio_lines(ratios) + [""]
+    impl_lines = impl_ratio_lines(impl_ratios(ordered))
+    lines += impl_lines + ([""] if impl_lines else [])
     plot = out / PLOT_NAME
     if write_plot(rows, plot):
         files.append(plot)

@@ -374,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true", help="torch.compile the training step (forward + loss)")
     b.add_argument("--backend", default="auto", help="SDPA backend: auto | flash | cudnn | efficient | math")
     b.add_argument("--sweep", action="store_true", help="sequence-length sweep (CPU 128..2048, GPU 512..8192)")
+    b.add_argument("--pattention-impl", help="comma-separated Pattention implementations, one row each for models "
+                   "with Pattentions: reference | recompute | triton (CUDA) | auto (default: as configured)")
     b.add_argument("--out", help="results directory (default results/bench)")
     b.set_defaults(func=cmd_bench)
 

@@ -107,6 +107,11 @@ class TransformerConfig(ModelConfig):
     def final_norm_spec(self) -> NormSpec:
         return NormSpec(self.norm, self.final_norm_affine, self.final_norm_bias, self.norm_eps)
 
+    @property
+    def uses_pattention(self) -> bool:
+        """Whether any projection or the FFN is a Pattention (so that ``pattention_impl`` matters)."""
+        return self.projection == "pattention" or self.ffn == "pattention"
+
     def _proj(self, tokens: int) -> ProjSpec:
         return ProjSpec(self.projection, tokens if self.projection == "pattention" else 0, self.pattention_norm, self.bias)
 

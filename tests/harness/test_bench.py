@@ -148,6 +148,8 @@ def test_oom_is_recorded_and_the_sweep_continues(tmp_path, fast_peak, monkeypatc
     (["--model", "gpt2", "--preset", "7b"], "unknown preset '7b'"),
     (["--dtype", "fp8"], "unknown dtype 'fp8'"),
     (["--seq-len", "32,abc"], "--seq-len: expected integers"),
+    (["--pattention-impl", "reference,fast"], "--pattention-impl: unknown implementation 'fast'"),
+    (["--pattention-impl", "triton", "--device", "cpu"], "--pattention-impl triton needs CUDA"),
 ])
 def test_bad_requests_one_line_exit_2(argv, needle, tmp_path, capsys):
     assert main(["bench", "--out", str(tmp_path / "b"), *argv]) == 2
@@ -202,3 +204,56 @@ def test_results_merge_across_runs(tmp_path, fast_peak):
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["gpt2", "transformer_pp"] == [r["model"] for r in result.all_rows]
     assert len(result.rows) == 1
+
+
+def test_saved_for_backward_counts_what_each_pattention_path_keeps():
+    """Hand-counted: the recompute Function saves x (T x d_in) and one fp32 norm per row (T), nothing else; the
+    reference's autograd keeps at least the scores, GELU's input and the weights (three T x n tensors)."""
+    from models.pattention import Pattention
+    T, d_in, d_out, n = 24, 8, 8, 40
+
+    class One(torch.nn.Module):  # x is a leaf-derived activation, as a block's normed input is
+        def __init__(self, impl):
+            super().__init__()
+            self.p = Pattention(d_in, d_out, n, impl=impl)
+            torch.nn.init.normal_(self.p.key_param_tokens)
+            torch.nn.init.normal_(self.p.value_param_tokens)
+
+        def forward(self, x):
+            return self.p(x * 1.0)
+    x = torch.randn(T, d_in, requires_grad=True)
+    got = {}
+    for impl in ("recompute", "reference"):
+        m = One(impl)
+        got[impl] = bench.saved_activation_bytes(m, lambda a, _b: m(a).square().sum(), x, None, None)
+    assert got["recompute"]["pattention_saved_bytes"] == (T * d_in + T) * 4
+    assert got["reference"]["pattention_saved_bytes"] >= 3 * T * n * 4
+    # the loss's own square saves the (T, d_out) output, outside the Pattention
+    for g in got.values():
+        assert g["saved_activation_bytes"] - g["pattention_saved_bytes"] == T * d_out * 4
+
+
+def test_pattention_impl_rows_have_their_own_key_and_ratios(tmp_path, fast_peak):
+    result = bench.run_bench(_spec(tmp_path, model="tokenformer,transformer_pp", seq_len=32, decode_batch="1",
+                                   pattention_impl="reference,recompute"), log=None)
+    keys = [(r["model"], r["pattention_impl"], r.get("pattention_impl_ran")) for r in result.rows]
+    # transformer_pp's config has the field but builds no Pattention: one row, no implementation
+    assert keys == [("tokenformer", "reference", "reference"), ("tokenformer", "recompute", "recompute"),
+                    ("transformer_pp", None, None)]
+    assert all(r["status"] == "ok" for r in result.rows)
+    ref, rec = result.rows[:2]
+    assert rec["pattention_saved_bytes"] < ref["pattention_saved_bytes"]
+    assert ref["saved_activation_bytes"] - ref["pattention_saved_bytes"] == \
+        rec["saved_activation_bytes"] - rec["pattention_saved_bytes"]  # the rest of the model is the same
+    (ratio,) = [r for r in bench_report.impl_ratios(result.rows) if r["model"] == "tokenformer"]
+    assert ratio["pattention_impl"] == "recompute"
+    assert ratio["pattention_saved_ratio"] == pytest.approx(rec["pattention_saved_bytes"] / ref["pattention_saved_bytes"])
+    assert ratio["step_time_ratio"] == pytest.approx(rec["train_time_s_median"] / ref["train_time_s_median"])
+    md = (tmp_path / "bench.md").read_text()
+    assert "tokenformer/tiny recompute at seq 32" in md and "saved for backward (Pattention)" in md
+    # a second run of one implementation replaces only its own row
+    bench.run_bench(_spec(tmp_path, model="tokenformer", seq_len=32, decode_batch="1", pattention_impl="recompute"),
+                    log=None)
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert sorted((r["model"], r["pattention_impl"]) for r in rows if r["model"] == "tokenformer") == \
+        [("tokenformer", "recompute"), ("tokenformer", "reference")]
