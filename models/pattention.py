@@ -79,7 +79,9 @@ class PattentionRecompute(torch.autograd.Function):
         sf = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
         if normalization == "l2_norm_gelu":
             norm = sf.norm(dim=-1, keepdim=True)                                 # (..., 1) unclamped
-            w = F.gelu(sf * (math.sqrt(scale_tokens) / norm.clamp_min(EPS)))
+            # in place, the reference's ops and values: s is not needed again, and one T x n buffer less
+            # to fault in is measurable on CPU
+            w = torch.ops.aten.gelu_(sf.mul_(math.sqrt(scale_tokens) / norm.clamp_min(EPS)))
         elif normalization == "gelu_l2_norm":
             g = F.gelu(sf)
             norm = g.norm(dim=-1, keepdim=True)                                  # (..., 1) unclamped
@@ -107,13 +109,16 @@ class PattentionRecompute(torch.autograd.Function):
         if normalization == "l2_norm_gelu":
             # u = c s, c = sqrt(n) / max(|s|, eps); w = gelu(u)
             c = root / norm.clamp_min(EPS)                                       # (..., 1)
-            u = sf * c
+            u = sf.mul_(c)                     # in place: s is a fresh recomputation, and s = u / c below
             w = F.gelu(u)
-            gu = torch.ops.aten.gelu_backward(gw, u)                               # gw * GELU'(u)
+            gu = torch.ops.aten.gelu_backward.grad_input(gw, u, grad_input=gw)    # gw * GELU'(u), into gw
             # d c / d s = -c s / |s|^2 where the clamp is inactive (torch's clamp_min passes the gradient
-            # at norm >= eps); a clamped row (all-zero scores: growth's zero keys, a zero x) has c constant
-            proj = (gu * sf).sum(-1, keepdim=True) / norm.square().clamp_min(EPS * EPS)
-            gs = c * (gu - torch.where(norm >= EPS, proj, torch.zeros_like(proj)) * sf)
+            # at norm >= eps); a clamped row (all-zero scores: growth's zero keys, a zero x) has c constant.
+            # With s = u / c: gs = c gu - c <gu, s> s / |s|^2 = c gu - p u, p = <gu, u> / (c |s|^2). Three
+            # T x n buffers in all (s, gw, w), each reused in place: on CPU a fresh large buffer costs its page
+            # faults, and this path must not be slower than the reference's autograd for its extra matmul
+            p = torch.linalg.vecdot(gu, u).unsqueeze(-1) / (c * norm.square().clamp_min(EPS * EPS))
+            gs = gu.mul_(c).addcmul_(u, torch.where(norm >= EPS, p, torch.zeros_like(p)), value=-1)
         elif normalization == "gelu_l2_norm":
             # w = c g, g = gelu(s), c = sqrt(n) / max(|g|, eps)
             c = root / norm.clamp_min(EPS)
