@@ -6,7 +6,8 @@
 #
 #   --wheels DIR  install the wheels carried in DIR first (pip --no-index --no-deps: torch is never touched),
 #                 e.g. numpy, safetensors, pyyaml, tokenizers, pandas, lm-eval and the data packages the eval
-#                 step needs; steps whose modules are missing are skipped and say which.
+#                 step needs; steps whose modules are missing are skipped and say which. A mamba_ssm-*.tar.gz
+#                 there is installed python-only (MAMBA_SKIP_CUDA_BUILD): Mamba-2's Triton kernels, no compiling.
 #   --dry-run     the same steps on the CPU with tiny shapes, GPU-only steps skipped (CI runs this).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,17 @@ while [[ $# -gt 0 ]]; do
             if [[ ${#wheels[@]} -gt 0 ]]; then
                 "$PYTHON" -m pip install -q --no-index --no-deps "${wheels[@]}" \
                     || echo "gpu_check: installing the carried wheels failed; the steps that need them will say so" >&2
+            fi
+            # a mamba-ssm sdist, python only (seconds, no compiler): its Triton kernels -- Mamba-2's SSD and the
+            # decode step -- then run; Mamba-1's selective scan needs the compiled build
+            # (scripts/build_mamba_kernels.sh, far longer than this check's budget)
+            shopt -s nullglob
+            sdists=("$2"/mamba_ssm-*.tar.gz)
+            shopt -u nullglob
+            if [[ ${#sdists[@]} -gt 0 ]]; then
+                MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE "$PYTHON" -m pip install -q --no-index --no-deps \
+                    --no-build-isolation "${sdists[-1]}" \
+                    || echo "gpu_check: installing ${sdists[-1]} (python only) failed; Mamba runs its reference scan" >&2
             fi
             shift 2 ;;
         *) args+=("$1"); shift ;;
