@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from . import store
+from .results.tables import human
 
 JSON_NAME = "bench.json"
 CSV_NAME = "bench.csv"
@@ -96,7 +97,7 @@ def ratio_lines(ratios: list[dict[str, Any]]) -> list[str]:
             f"{r['seq_len']}, batch {r['batch_size']}, {r['device']} {r['dtype']}"
             f"{', compiled' if r['compile'] else ''}: tokens/s {r['tokens_per_s_ratio']:.3f}×, "
             f"FLOP/s {r['flops_per_s_ratio']:.3f}× (time per training FLOP {r['time_per_flop_ratio']:.3f}×; "
-            f"FLOPs/token {_si(r['tokenformer_flops_per_token'])} vs {_si(r['transformer_pp_flops_per_token'])})")
+            f"FLOPs/token {human(r['tokenformer_flops_per_token'])} vs {human(r['transformer_pp_flops_per_token'])})")
     return lines
 
 
@@ -147,15 +148,6 @@ def impl_ratio_lines(ratios: list[dict[str, Any]]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------- table
-def _si(x: float | None, unit: str = "") -> str:
-    if x is None:
-        return "-"
-    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{suffix}{unit}"
-    return f"{x:.3g}{unit}"
-
-
 def _bytes(n: float | None) -> str:
     if n is None:
         return "-"

@@ -195,10 +195,6 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------- dict -> dataclass
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:

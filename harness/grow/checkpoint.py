@@ -34,7 +34,7 @@ import torch
 from models import registry
 from models.pattention import scale_tokens_of
 
-from harness.train.checkpoint import read_optimizer_state, resolve_checkpoint_dir
+from harness.train.checkpoint import json_safe, read_optimizer_state, resolve_checkpoint_dir
 from harness.store import replace_dir
 
 from .expand import expand_blocks
@@ -89,14 +89,6 @@ def target_config(state: dict[str, Any], to: dict[str, Any] | None, to_preset: s
     except (registry.UnknownModelError, ValueError, TypeError) as e:
         raise GrowthError(f"target {name}/{preset} {overrides or ''}: {e}") from None
     return config, preset, overrides
-
-
-def _json_safe(v):
-    if isinstance(v, torch.Tensor):
-        return v.item()
-    if isinstance(v, tuple):
-        return list(v)
-    return v
 
 
 def _check_destination(given: Path, src: Path, dst: Path) -> None:
@@ -203,7 +195,7 @@ def grow_checkpoint(src_dir: str | Path, dst_dir: str | Path, *, method: str, to
     if optimizer == "fresh":  # no state (the loop starts a new AdamW), but the groups, keyed by name
         names = {id(p): n for n, p in new.named_parameters()}
         written["optimizer"] = {"state": {}, "param_groups": [
-            {**{k: _json_safe(v) for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+            {**{k: json_safe(v) for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
             for g in opt.param_groups]}
     shutil.copyfile(src / "rng.safetensors", staging / "rng.safetensors")  # the source run's RNG states
     written["rng"] = json.loads((src / "state.json").read_text())["rng"]

@@ -21,8 +21,6 @@ The held count is an attribute, not a parameter: checkpoints carry it as ``state
 """
 from __future__ import annotations
 
-from torch import nn
-
 from models.pattention import Pattention
 from models.transformer import Transformer, TransformerConfig
 
@@ -98,5 +96,3 @@ def grow_tokens(model: Transformer, target: TransformerConfig, *, init: str = "r
     return Growth(new.eval(), plans, info)
 
 
-def pattention_modules(model: nn.Module) -> dict[str, Pattention]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, Pattention)}

@@ -59,7 +59,8 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> N
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def _json_safe(value):
+def json_safe(value):
+    """An optimizer param-group value as JSON: a 0-d tensor (a tensor lr) as its number, a tuple as a list."""
     if isinstance(value, torch.Tensor):
         return value.item()
     if isinstance(value, tuple):
@@ -115,7 +116,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
                 opt_plain["state"].setdefault(fqn, {})[key] = "scalar_tensor" if value.ndim == 0 else "tensor"
             else:
                 opt_plain["state"].setdefault(fqn, {})[key] = value
-    opt_plain["param_groups"] = [{k: _json_safe(v) for k, v in g.items()} for g in optim_sd["param_groups"]]
+    opt_plain["param_groups"] = [{k: json_safe(v) for k, v in g.items()} for g in optim_sd["param_groups"]]
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng_tensors, rng_plain = _rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))

@@ -404,6 +404,3 @@ def _tensorboard(out_dir: Path):
     return SummaryWriter(str(out_dir / "tensorboard"))
 
 
-def checkpoint_step(out_dir: str | Path) -> int | None:
-    ckpt = Path(out_dir) / CHECKPOINT_DIR
-    return read_state(ckpt)["step"] if ckpt.exists() else None
