@@ -105,7 +105,7 @@ class BenchSpec:
     out: Path
     sweep: bool = False
     # Pattention implementations to measure, one row each, for models that have Pattentions (None: each
-    # model's configured one); models without a pattention_impl field get a single row
+    # model's configured one); a model without Pattentions gets a single row
     pattention_impls: list[str] | None = None
 
     @property
