@@ -902,7 +902,7 @@ def cli(args) -> int:
                      decode_batch=args.decode_batch, decode_tokens=args.decode_tokens, repeats=args.repeats,
                      warmup=args.warmup, device=args.device, dtype=args.dtype, compile=args.compile,
                      out=args.out, sweep=args.sweep, backend=args.backend,
-                     pattention_impl=getattr(args, "pattention_impl", None))
+                     pattention_impl=args.pattention_impl)
     cells = ", ".join(f"{m}/{p}" for m, p in spec.cells)
     print(f"bench on {device_name(spec.device)} ({spec.dtype}{', compiled' if spec.compile else ''}, "
           f"sdpa {spec.backend}): {cells}; seq {spec.seq_lens}, batch {spec.batch_sizes}, decode batch "
