@@ -14,7 +14,7 @@ One row per (model, preset, seq_len, batch_size) measures
 * **cache bytes per sequence** -- KV cache (``KVCache.nbytes()``) at seq_len, or Mamba's constant conv + SSM
   state, for a batch of one;
 * **backends** -- the SDPA backend the dispatcher selects for the row's training / prefill / decode shapes,
-  and the selective-scan backend that actually ran (``models.ssm_ops.last_backend()``).
+  and the selective-scan backend that actually ran (``model.backends_ran()``).
 
 Timing: warm-up calls excluded; CUDA events around each repeat on GPU (host timer after synchronize on CPU);
 the median of the repeats with min/max and the interquartile range. Bad requests raise :class:`BenchError`
@@ -552,16 +552,8 @@ class MemoryMeter:
 
 
 def cache_nbytes(cache) -> int:
-    """Bytes held by a decoding cache: KVCache.nbytes(), or every tensor of an SSMCache (conv + SSM state)."""
-    if hasattr(cache, "nbytes") and callable(cache.nbytes):
-        return int(cache.nbytes())
-    total = 0
-    values = dataclasses.asdict(cache).values() if dataclasses.is_dataclass(cache) else vars(cache).values()
-    for v in values:
-        for t in (v if isinstance(v, (list, tuple)) else [v]):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    """Bytes held by a decoding cache (models.base.DecodeCache.nbytes: KV buffers, or conv + SSM state)."""
+    return int(cache.nbytes())
 
 
 _PEAK_CACHE: dict[tuple[str, str], dict[str, Any]] = {}
@@ -735,7 +727,7 @@ def bench_row(spec: BenchSpec, model_name: str, preset: str, seq_len: int, batch
     row.update(params=cfg.num_params(), non_embedding_params=cfg.num_params(non_embedding=True),
                flops_per_token=cfg.flops_per_token(seq_len),
                # the configured path (a label); None: the model has no Pattention
-               pattention_impl=cfg.pattention_impl if getattr(cfg, "uses_pattention", False) else None)
+               pattention_impl=cfg.implementation_fields().get("pattention_impl"))
     if spec.compile:
         torch._dynamo.reset()
 
@@ -759,7 +751,6 @@ def bench_row(spec: BenchSpec, model_name: str, preset: str, seq_len: int, batch
             except Exception as e:  # noqa: BLE001 - recorded in the row
                 failed("build", e)
                 return row
-            is_ssm = hasattr(model, "scan_backend")
             dt = spec.compute_dtype
             row["attention_backends"] = {
                 "train": attention_backend(model, device, dt, seq_len, seq_len, grad=True),
@@ -767,17 +758,17 @@ def bench_row(spec: BenchSpec, model_name: str, preset: str, seq_len: int, batch
                 "decode": attention_backend(model, device, dt, 1, seq_len),
             }
             row["attention_backend"] = row["attention_backends"]["train"]
-            row["scan_backend_expected"] = model.scan_backend() if is_ssm else None
+            row["scan_backend_expected"] = model.backends().get("scan")
 
             try:
                 row.update(_train_phase(spec, model, seq_len, batch, vocab, meter))
                 row["train_flops_per_s"] = row["train_tokens_per_s"] * row["flops_per_token"]
                 row["mfu"] = row["train_flops_per_s"] / peak["peak_flops"]
-                if is_ssm:
-                    row["scan_backend"] = model.last_backend or ssm_ops.last_backend()
-                ran = sorted({m.last_impl for m in model.modules() if isinstance(m, Pattention) and m.last_impl})
-                if ran:  # what the timed steps ran ("auto" resolves per device and shape)
-                    row["pattention_impl_ran"] = ",".join(ran)
+                ran = model.backends_ran()  # what the timed steps ran ("auto" resolves per device and shape)
+                if "scan" in ran:
+                    row["scan_backend"] = ran["scan"]
+                if ran.get("pattention"):
+                    row["pattention_impl_ran"] = ran["pattention"]
             except Exception as e:  # noqa: BLE001
                 failed("train", e)
             release_memory(device, collect=bool(row["errors"]))
@@ -807,8 +798,8 @@ def bench_row(spec: BenchSpec, model_name: str, preset: str, seq_len: int, batch
                     except Exception as e:  # noqa: BLE001
                         row["decode"][str(db)] = {"batch": db, "status": failed(f"decode_b{db}", e)}
                     release_memory(device, collect=bool(row["errors"]))
-                if is_ssm:
-                    row["decode_scan_backend"] = model.last_backend or ssm_ops.last_backend()
+                if "scan" in model.backends_ran():
+                    row["decode_scan_backend"] = model.backends_ran()["scan"]
             row["inference_peak_memory_bytes"] = meter.peak()
     finally:
         meter.stop()
@@ -845,7 +836,7 @@ def _row_summary(row: dict[str, Any]) -> str:
 def _impls(spec: BenchSpec, name: str, preset: str) -> list[str | None]:
     """The Pattention implementations to measure for this cell: the asked ones when the model has Pattentions,
     else one row with its configuration as it is (None: no override)."""
-    if spec.pattention_impls and getattr(registry.get_config(name, preset), "uses_pattention", False):
+    if spec.pattention_impls and "pattention_impl" in registry.get_config(name, preset).implementation_fields():
         return list(spec.pattention_impls)
     return [None]
 

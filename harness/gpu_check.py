@@ -310,11 +310,7 @@ def step_train(s: Step, arch: str, compile_: bool = False) -> None:
     ref, _ = _train(model, x, y, COMPARE_STEPS, None)                       # fp32
     model.load_state_dict(init)
     eager, secs = _train(model, x, y, steps, amp)                            # bf16 autocast, eager
-    if hasattr(model, "scan_backend"):  # Mamba: which scan ran (mamba-ssm's kernels or the reference)
-        from models import ssm_ops
-        backend = model.last_backend or ssm_ops.last_backend()
-    else:
-        backend = None
+    backend = model.backends_ran().get("scan")  # Mamba: which scan ran (mamba-ssm's kernels or the reference)
     if compile_:
         model.load_state_dict(init)
         torch._dynamo.reset()

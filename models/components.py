@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import DecodeCache
 from .pattention import Pattention
 
 PROJECTIONS = ("linear", "pattention")
@@ -152,6 +153,11 @@ class FFNSpec:
         n_mats = {"swiglu": 3, "gelu_mlp": 2, "pattention": 2}[self.kind]
         return 2 * n_mats * d * self.hidden
 
+    @property
+    def output_name(self) -> str:
+        """The built FFN's submodule that writes into the residual stream ("": the FFN itself)."""
+        return {"pattention": "", "swiglu": "w2", "gelu_mlp": "proj"}[self.kind]
+
     def build(self, d: int, device=None) -> nn.Module:
         if self.kind == "pattention":
             return Pattention(d, d, self.hidden, self.normalization, device=device)
@@ -183,7 +189,15 @@ class GeluMLP(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- attention
-class KVCache:
+def writer_params(prefix: str, module: nn.Module) -> list[str]:
+    """Names of the parameters through which ``module`` (named ``prefix``) writes its output: all of a Linear's,
+    a Pattention's value tokens (zero values give a zero output whatever the keys)."""
+    if isinstance(module, Pattention):
+        return [f"{prefix}.value_param_tokens"]
+    return [f"{prefix}.{n}" for n, _ in module.named_parameters()]
+
+
+class KVCache(DecodeCache):
     """Per-layer key/value buffers for incremental decoding. k, v: (B, H, max_len, hd)."""
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, head_dim: int, max_len: int, device, dtype):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import ssm_ops
-from models.base import Architecture, CausalLM, ModelConfig
+from models.base import Architecture, CausalLM, DecodeCache, ModelConfig
 
 
 def _pad_to_multiple(n: int, multiple: int) -> int:
@@ -501,8 +501,9 @@ class Backbone(nn.Module):
 
 
 @dataclasses.dataclass
-class SSMCache:
-    """Constant-size decoding state: per layer the last d_conv raw conv inputs and the SSM state (fp32)."""
+class SSMCache(DecodeCache):
+    """Constant-size decoding state: per layer the last d_conv raw conv inputs and the SSM state (fp32).
+    ``nbytes()`` (DecodeCache's) counts both lists."""
 
     conv_states: list[torch.Tensor]  # Mamba-1 (B, E, W);  Mamba-2 (B, E + 2GN, W)
     ssm_states: list[torch.Tensor]  # Mamba-1 (B, E, N);   Mamba-2 (B, H, P, N)
@@ -538,6 +539,11 @@ class _SSMLM(CausalLM):
 
     def block_modules(self) -> list[nn.Module]:
         return list(self.backbone.layers)
+
+    def residual_outputs(self) -> list[list[str]]:
+        # the mixer's out_proj is a block's only writer (the norm reads the stream; no MLP, d_intermediate=0)
+        return [[f"mixer.out_proj.{n}" for n, _ in block.mixer.out_proj.named_parameters()]
+                for block in self.backbone.layers]
 
     def _logits(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """(B, T, d) -> (B, T, vocab_size). The embedding's padding rows (50277 -> 50280) exist only so that
@@ -584,6 +590,13 @@ class _SSMLM(CausalLM):
         """Backend a forward on this model's device would use ("mamba_ssm" / "torch_reference")."""
         arch = "mamba2" if isinstance(self.config, Mamba2Config) else "mamba"
         return ssm_ops.scan_backend(self.backbone.embedding.weight.device, arch=arch)
+
+    def backends(self) -> dict[str, str]:
+        return {"scan": self.scan_backend()}
+
+    def backends_ran(self) -> dict[str, str | None]:
+        # a compiled forward may not run the Python that sets last_backend: the ops' own record then
+        return {"scan": self.last_backend or ssm_ops.last_backend()}
 
 
 class MambaLM(_SSMLM):

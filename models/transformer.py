@@ -18,7 +18,7 @@ from torch import nn
 
 from .base import CausalLM, ModelConfig
 from .components import (FFNS, NORMS, POSITIONS, PROJECTIONS, FFNSpec, KVCache, NormSpec, ProjSpec, Rotary,
-                         CausalSelfAttention, attention_flops, init_normal_, scaled_std)
+                         CausalSelfAttention, attention_flops, init_normal_, scaled_std, writer_params)
 from .pattention import IMPLS as PATTENTION_IMPLS, NORMALIZATIONS, Pattention
 
 
@@ -155,9 +155,8 @@ class TransformerConfig(ModelConfig):
         """Training FLOPs per token = forward + backward (2 x forward: input and weight gradients) = 3 x forward."""
         return 3.0 * self.forward_flops_per_token(seq_len)
 
-    def uncounted_flops_per_token(self, seq_len: int | None = None) -> int:
-        """Forward FLOPs per token that torch's FlopCounterMode cannot see: none here (all matmuls)."""
-        return 0
+    def implementation_fields(self) -> dict:
+        return {"pattention_impl": self.pattention_impl} if self.uses_pattention else {}
 
 
 class Block(nn.Module):
@@ -168,10 +167,17 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(d, cfg.n_heads, cfg.qkv_spec, cfg.out_spec, device)
         self.norm2 = cfg.block_norm_spec.build(d, device)
         self.ffn = cfg.ffn_spec.build(d, device)
+        self.ffn_output = cfg.ffn_spec.output_name
 
     def forward(self, x, rotary=None, cache=None, layer=0):  # (B, T, d) -> (B, T, d)
         x = x + self.attn(self.norm1(x), rotary, cache, layer)
         return x + self.ffn(self.norm2(x))
+
+    def residual_outputs(self) -> list[str]:
+        """The attention output projection and the FFN's down projection (the whole FFN when it is one
+        Pattention): the two writers into the residual stream."""
+        ffn_out = f"ffn.{self.ffn_output}" if self.ffn_output else "ffn"
+        return writer_params("attn.wo", self.attn.wo) + writer_params(ffn_out, self.get_submodule(ffn_out))
 
 
 class Transformer(CausalLM):
@@ -200,15 +206,10 @@ class Transformer(CausalLM):
         cfg = self.config
         std, out_std = cfg.init_std, scaled_std(cfg.init_std, cfg.n_layers)
         value_std = 2.0 / (cfg.n_layers * math.sqrt(cfg.d_model)) if cfg.value_init == "wang" else out_std
-        output_projections = set()
-        for blk in self.blocks:
-            output_projections.add(blk.attn.wo)
-            for name in ("w2", "proj"):
-                if hasattr(blk.ffn, name):
-                    output_projections.add(getattr(blk.ffn, name))
+        residual_writers = {id(p) for p in self.residual_output_parameters()}
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                init_normal_(m.weight, out_std if m in output_projections else std)
+                init_normal_(m.weight, out_std if id(m.weight) in residual_writers else std)
                 if m.bias is not None and m.bias.device.type != "meta":
                     nn.init.zeros_(m.bias)
             elif isinstance(m, Pattention):
@@ -231,6 +232,19 @@ class Transformer(CausalLM):
 
     def block_modules(self) -> list[nn.Module]:
         return list(self.blocks)
+
+    def residual_outputs(self) -> list[list[str]]:
+        return [blk.residual_outputs() for blk in self.blocks]
+
+    def backends(self) -> dict[str, str]:
+        return {"pattention": self.config.pattention_impl} if self.config.uses_pattention else {}
+
+    def backends_ran(self) -> dict[str, str | None]:
+        """``auto`` resolves per device and shape: the implementations the last call ran, comma-joined."""
+        if not self.config.uses_pattention:
+            return {}
+        ran = sorted({m.last_impl for m in self.modules() if isinstance(m, Pattention) and m.last_impl})
+        return {"pattention": ",".join(ran) or None}
 
     def _run(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         B, T = input_ids.shape

@@ -53,7 +53,8 @@ def expand_blocks(model: nn.Module, target, *, seed: int = 0, name: str | None =
     olds = [old_prefix[id(b)] for b in model.block_modules()]
     new_blocks = new.block_modules()
     news = [new_prefix[id(b)] for b in new_blocks]
-    zeroed = {f"{news[i]}.{n}" for i in inserted for n in residual_outputs(new_blocks[i])}
+    writers = residual_outputs(new)
+    zeroed = {f"{news[i]}.{n}" for i in inserted for n in writers[i]}
 
     def source(pname: str) -> str:
         """The old parameter (or module) name a new one copies."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from models.base import CausalLM
 from models.pattention import Pattention
 
 from .plan import Growth, GrowthError, ParamPlan, build_target, config_diff, materialize
@@ -58,33 +59,14 @@ def check_stack(old, new) -> int:
     return L2 // L
 
 
-def residual_outputs(block: nn.Module) -> list[str]:
-    """Names (relative to the block) of the parameters that write the block's output into the residual
-    stream: zeroing them makes a pre-norm residual block the identity."""
-    names: list[str] = []
-
-    def out_params(prefix: str, m: nn.Module):
-        if isinstance(m, Pattention):
-            names.append(f"{prefix}.value_param_tokens")
-        else:
-            names.extend(f"{prefix}.{n}" for n, _ in m.named_parameters())
-
-    if hasattr(block, "attn") and hasattr(block, "ffn"):  # models/transformer.py Block
-        out_params("attn.wo", block.attn.wo)
-        ffn = block.ffn
-        if isinstance(ffn, Pattention):
-            out_params("ffn", ffn)
-        elif hasattr(ffn, "w2"):
-            out_params("ffn.w2", ffn.w2)
-        elif hasattr(ffn, "proj"):
-            out_params("ffn.proj", ffn.proj)
-        else:
-            raise GrowthError(f"gstack_identity: no down-projection known for FFN {type(ffn).__name__}")
-    elif hasattr(block, "mixer") and hasattr(block.mixer, "out_proj"):  # models/mamba.py Block
-        out_params("mixer.out_proj", block.mixer.out_proj)
-    else:
-        raise GrowthError(f"gstack_identity: no residual output projection known for {type(block).__name__}")
-    return names
+def residual_outputs(model: CausalLM) -> list[list[str]]:
+    """The model's declared residual writers per block (``CausalLM.residual_outputs``), or a GrowthError
+    naming the model when it declares none."""
+    try:
+        return model.residual_outputs()
+    except NotImplementedError:
+        raise GrowthError(f"function-preserving depth growth: {type(model).__name__} does not declare "
+                          f"residual_outputs()") from None
 
 
 def gstack(model: nn.Module, target, *, identity: bool = False, seed: int = 0, name: str | None = None) -> Growth:
@@ -99,8 +81,9 @@ def gstack(model: nn.Module, target, *, identity: bool = False, seed: int = 0, n
     news = [new_prefix[id(b)] for b in new_blocks]
     zeroed = set()
     if identity:
+        writers = residual_outputs(new)
         for i in range(L, len(news)):
-            zeroed.update(f"{news[i]}.{n}" for n in residual_outputs(new_blocks[i]))
+            zeroed.update(f"{news[i]}.{n}" for n in writers[i])
 
     def source(pname: str) -> str:
         """The old parameter (or module) name a new one copies."""

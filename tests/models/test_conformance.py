@@ -142,3 +142,80 @@ def test_safetensors_round_trip(name, tmp_path):
         assert not torch.equal(other(x), model(x))
         load_model(other, str(path))
         assert torch.equal(other(x), model(x))
+
+
+# ---- the declared contract (models/base.py): what the harness reads from every model ----------------------
+@pytest.mark.parametrize("name", ARCHS)
+def test_shape_contract(name):
+    """n_layers / width are declared by the config and are the model's: one block per layer, and the residual
+    stream (the embedding's output) is `width` wide."""
+    model = tiny(name)
+    cfg = model.config
+    assert isinstance(cfg.n_layers, int) and isinstance(cfg.width, int)
+    assert len(model.block_modules()) == cfg.n_layers
+    hidden = {}
+    handle = model.block_modules()[0].register_forward_pre_hook(lambda m, args: hidden.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(tokens(model, 1, 5))
+    handle.remove()
+    assert hidden["x"].shape == (1, 5, cfg.width)
+    row = next(r for r in registry.table() if r["model"] == name and r["preset"] == "tiny")
+    assert (row["layers"], row["width"]) == (cfg.n_layers, cfg.width)
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_residual_outputs_are_the_only_writers(name):
+    """Zeroing every block's declared residual writers makes every block the identity: the logits at t then
+    depend on token t alone (embedding -> final norm -> head), so changing token t-1 leaves them unchanged.
+    Before zeroing, they do change (so the check can fail)."""
+    model = tiny(name).eval()
+    names = model.residual_outputs()
+    assert len(names) == len(model.block_modules()) and all(names)
+    x = tokens(model, 2, 12)
+    y = x.clone()
+    y[:, 5] = (y[:, 5] + 1) % model.config.vocab_size
+    with torch.no_grad():
+        assert (model(x)[:, 6] - model(y)[:, 6]).abs().max() > 1e-4
+        for p in model.residual_output_parameters():
+            p.zero_()
+        a, b = model(x), model(y)
+    torch.testing.assert_close(a[:, 6:], b[:, 6:], rtol=0, atol=1e-6)
+    # and only those: a block with one writer left intact is not the identity any more
+    torch.manual_seed(0)
+    model = tiny(name).eval()
+    with torch.no_grad():
+        for p in model.residual_output_parameters()[1:]:
+            p.zero_()
+        assert (model(x)[:, 6] - model(y)[:, 6]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_cache_contract(name):
+    """allocate_cache returns a DecodeCache: pos starts at 0 and counts tokens; nbytes is every tensor it holds
+    (linear in the batch: twice the sequences, twice the bytes) and changes nothing as decoding goes on."""
+    from models.base import DecodeCache
+    model = tiny(name).eval()
+    one, two = model.allocate_cache(1, 32), model.allocate_cache(2, 32)
+    assert isinstance(one, DecodeCache) and one.pos == 0
+    assert one.nbytes() > 0 and two.nbytes() == 2 * one.nbytes()
+    before = two.nbytes()
+    with torch.no_grad():
+        model.step(tokens(model, 2, 7), two)
+    assert two.pos == 7 and two.nbytes() == before
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_backend_and_implementation_contract(name):
+    """backends() names what a forward would take; after a forward backends_ran() reports the same families.
+    implementation_fields() are config fields that change no count."""
+    model = tiny(name)
+    expected = model.backends()
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in expected.items())
+    with torch.no_grad():
+        model(tokens(model, 1, 8))
+    assert set(model.backends_ran()) == set(expected)
+    assert all(v is not None for v in model.backends_ran().values())
+    cfg = model.config
+    for field_name, value in cfg.implementation_fields().items():
+        assert field_name in cfg.__dataclass_fields__ and getattr(cfg, field_name) == value
+    assert cfg.uncounted_flops_per_token(cfg.max_seq_len) >= 0
