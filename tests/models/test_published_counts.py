@@ -188,7 +188,7 @@ MAMBA2_RELEASE_BYTES = {
     "1.3b": 2_687_683_922,  # https://huggingface.co/state-spaces/mamba2-1.3b/commit/c5b59d00ec85d313adea86a08cad2a43c962dd3b
     "2.7b": 5_405_424_282,  # https://huggingface.co/state-spaces/mamba2-2.7b/commit/99b226cc377d131cccc610ed4346db564f381f1e
 }
-# The files were written by torch 2.1-2.3. torch.save today writes the same archive (data.pkl, byteorder, one
+# The files were written by the torch of Dec 2023 / May 2024. torch.save today writes the same archive (data.pkl, byteorder, one
 # record per storage under data/, version, .data/serialization_id, each storage 64-byte aligned) plus records
 # the old writer did not have (.format_version, .storage_alignment); those are subtracted (_saved_bytes). What
 # is left differs from the released files by 20 bytes (130m) to 84 bytes (the zip64 trailer of the 5.5 GB
