@@ -37,11 +37,14 @@ PRESETS = {
     "1.5b": _official(40, 1536, 16, 1536, 1536, 6144),
 }
 
-# parameter counts the paper / official README give for these configs
-PUBLISHED = {"150m": 151.9e6, "450m": 454.2e6, "900m": 903.3e6, "1.5b": 1587.2e6}
+# The paper (arXiv 2410.23168, Table 1) and the Haiyang-W/TokenFormer-* model cards name the sizes only: 150M,
+# 450M, 900M, 1.5B. The held counts are 151.9M, 454.2M, 903.3M and 1587.2M ("1.5B" is 5.8% over its name), so
+# the names bound them to 6%; the exact check is against the released files' sizes
+# (tests/models/test_published_counts.py::test_tokenformer_count_fits_the_released_file_size).
+PUBLISHED = {"150m": 150e6, "450m": 450e6, "900m": 900e6, "1.5b": 1.5e9}
 
 ARCH = Architecture(
     name="tokenformer", config_cls=TransformerConfig, model_cls=Transformer, presets=PRESETS,
     description="TokenFormer: Pattention for Q/K/V/O and FFN, non-affine LN, 25% rotary (official code)",
-    published=PUBLISHED, published_tolerance=0.005,
+    published=PUBLISHED, published_tolerance=0.06,
 )

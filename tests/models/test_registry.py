@@ -1,6 +1,7 @@
 import pytest
 
 from models import registry
+from models.transformer_pp import MATCHED
 
 
 def test_registry_has_the_four_architectures():
@@ -36,3 +37,12 @@ def test_table_rows_come_from_configs():
     assert (row["layers"], row["width"], row["seq_len"]) == (12, 768, 2048)
     assert row["params"] == 151_881_216
     assert row["params"] - row["non_embedding"] == 50304 * 768
+
+
+@pytest.mark.parametrize("preset,target", sorted(MATCHED.items()))
+def test_matched_transformer_pp_presets_hold_their_tokenformers_parameters(preset, target):
+    """The tf* presets exist to compare Transformer++ with TokenFormer at equal size: each holds within 3% of
+    the parameters its TokenFormer preset holds (both counted from the built modules, on the meta device)."""
+    ours = registry.build("transformer_pp", preset, device="meta").counted_params()
+    theirs = registry.build("tokenformer", target, device="meta").counted_params()
+    assert abs(ours - theirs) / theirs < 0.03, (ours, theirs)
