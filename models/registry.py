@@ -17,7 +17,7 @@ _MODULES = [
     ("tokenformer", "ARCH"),
     ("transformer_pp", "ARCH"),
     ("mamba", "ARCH"),
-    ("mamba", "MAMBA2_ARCH"),
+    ("mamba2", "MAMBA2_ARCH"),
     ("gpt2", "ARCH"),
 ]
 

@@ -206,8 +206,8 @@ if command -v cuobjdump >/dev/null || [[ -x "$CUDA_HOME/bin/cuobjdump" ]]; then
     log "architectures in selective_scan_cuda: $("$CUOBJDUMP" --list-elf "$SO" 2>/dev/null | grep -o 'sm_[0-9a-z]*' | sort -u | tr '\n' ' ')"
 fi
 # from the repo root, the harness' own view of the kernels
-if [[ -f models/ssm_ops.py ]]; then
-    "$PYTHON" -c "from models import ssm_ops; print('[build_mamba_kernels] ssm_ops.kernel_status():', ssm_ops.kernel_status())" || true
+if [[ -f models/ops/dispatch.py ]]; then
+    "$PYTHON" -c "from models.ops import dispatch; print('[build_mamba_kernels] dispatch.kernel_status():', dispatch.kernel_status())" || true
 fi
 
 SCRIPT_END=$(date +%s)

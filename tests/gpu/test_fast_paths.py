@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from harness import bench
-from models import registry, ssm_ops
+from models import registry
+from models.ops import dispatch
 
 HAS_CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
@@ -174,8 +175,8 @@ def test_compiled_bf16_logits_match_eager():
 
 # ------------------------------------------------------------------------------------------ mamba kernels
 def _needs_mamba_kernels():
-    if ssm_ops.scan_backend(CUDA) != ssm_ops.MAMBA_SSM:
-        pytest.skip(f"mamba-ssm kernels unavailable: {ssm_ops.kernel_status()}")
+    if dispatch.scan_backend(CUDA) != dispatch.MAMBA_SSM:
+        pytest.skip(f"mamba-ssm kernels unavailable: {dispatch.kernel_status()}")
 
 
 def test_mamba_kernel_training_step_matches_reference():
@@ -193,17 +194,17 @@ def test_mamba_kernel_training_step_matches_reference():
         return loss.item(), model.last_backend, torch.cat([p.grad.flatten() for p in model.parameters()])
 
     loss, backend, fast = grads()
-    with ssm_ops.use_reference():
+    with dispatch.use_reference():
         ref_loss, ref_backend, ref = grads()
-    assert (backend, ref_backend) == (ssm_ops.MAMBA_SSM, ssm_ops.REFERENCE)
+    assert (backend, ref_backend) == (dispatch.MAMBA_SSM, dispatch.REFERENCE)
     assert abs(loss - ref_loss) / ref_loss < 1e-2
     assert _rel_err(fast, ref) < 5e-2
 
 
 def test_mamba_kernel_cached_decode_matches_reference():
     _needs_mamba_kernels()
-    if ssm_ops.kernels().selective_state_update is None:
-        pytest.skip(f"selective_state_update (Triton) unavailable: {ssm_ops.kernels().errors}")
+    if dispatch.kernels().selective_state_update is None:
+        pytest.skip(f"selective_state_update (Triton) unavailable: {dispatch.kernels().errors}")
     torch.manual_seed(0)
     model = registry.build("mamba", "small", device=CUDA).to(torch.bfloat16).eval()
     x = _tokens(2, 160)
@@ -216,9 +217,9 @@ def test_mamba_kernel_cached_decode_matches_reference():
         return torch.cat(parts, 1), model.last_backend
 
     fast, backend = decode()
-    with ssm_ops.use_reference():
+    with dispatch.use_reference():
         ref, ref_backend = decode()
-    assert (backend, ref_backend) == (ssm_ops.MAMBA_SSM, ssm_ops.REFERENCE)
+    assert (backend, ref_backend) == (dispatch.MAMBA_SSM, dispatch.REFERENCE)
     assert _rel_err(fast, ref) < BF16_TOL
 
 
@@ -236,8 +237,8 @@ def test_cuda_bench_run_records_fast_paths(tmp_path):
         assert row["train_tokens_per_s"] > 0 and 0 < row["mfu"] < 1
         assert all(e["status"] == "ok" for e in row["decode"].values())
         if row["model"] == "mamba":
-            assert row["scan_backend"] == ssm_ops.scan_backend(CUDA)
-            assert row["decode_scan_backend"] in (ssm_ops.MAMBA_SSM, ssm_ops.REFERENCE)  # Triton state update
+            assert row["scan_backend"] == dispatch.scan_backend(CUDA)
+            assert row["decode_scan_backend"] in (dispatch.MAMBA_SSM, dispatch.REFERENCE)  # Triton state update
             assert row["cache_kind"] == "SSMCache"
         else:
             assert row["attention_backend"].startswith("sdpa-cuda(") and row["attention_backend"] != "sdpa-cuda(math)"

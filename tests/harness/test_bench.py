@@ -7,7 +7,7 @@ import torch
 
 from harness import bench, bench_report
 from harness.cli import main
-from models import ssm_ops
+from models.ops import dispatch as ssm_ops
 from models.mamba import MambaLM, SSMCache
 from models.transformer import Transformer
 

@@ -22,8 +22,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import ssm_ops
-from models.mamba import MAMBA2_ARCH, ARCH, Mamba2Config, Mamba2LM, MambaConfig, MambaLM
+from models.mamba import ARCH, MambaConfig, MambaLM
+from models.mamba2 import MAMBA2_ARCH, Mamba2Config, Mamba2LM
+from models.ops import dispatch, selective_scan, ssd
 
 # python files only, never another torch (--no-deps); FORCE_BUILD skips its attempt to download a CUDA wheel
 _MAMBA_SSM_CPU_INSTALL = (
@@ -77,8 +78,8 @@ def test_selective_scan_ref_matches_sequential_loop(L, chunk):
     u, delta, A, B, C, D, z, delta_bias, h0 = _scan_inputs(2, 6, 5, L, seed=L)
     want_y, want_h = naive_selective_scan(u, delta, A, B, C, D, z, delta_bias, h0)
     # the reference computes in fp32 whatever the inputs: compare an fp32 run loosely...
-    y, h = ssm_ops.selective_scan_ref(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True,
-                                      initial_state=h0, return_last_state=True, chunk_size=chunk)
+    y, h = selective_scan.selective_scan_ref(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True,
+                                             initial_state=h0, return_last_state=True, chunk_size=chunk)
     torch.testing.assert_close(y.double(), want_y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h.double(), want_h, rtol=1e-4, atol=1e-4)
     # ...and the same algorithm in fp64 tightly (the scan's own error, not fp32 rounding)
@@ -88,12 +89,12 @@ def test_selective_scan_ref_matches_sequential_loop(L, chunk):
 
 
 def _selective_scan_fp64(u, delta, A, B, C, D, z, delta_bias, h0, chunk):
-    """ssm_ops' per-chunk doubling scan driven in fp64 (the public function computes in fp32)."""
+    """models.ops.selective_scan's per-chunk scan driven in fp64 (the public function computes in fp32)."""
     delta = F.softplus(delta + delta_bias[:, None])
     h, ys = h0, []
     for s in range(0, u.shape[-1], chunk):
         e = min(s + chunk, u.shape[-1])
-        y_c, h = ssm_ops._scan_chunk(delta[:, :, s:e], (delta * u)[:, :, s:e], A, B[:, :, s:e], C[:, :, s:e], h)
+        y_c, h = selective_scan._scan_chunk(delta[:, :, s:e], (delta * u)[:, :, s:e], A, B[:, :, s:e], C[:, :, s:e], h)
         ys.append(y_c)
     return (torch.cat(ys, -1) + D[:, None] * u) * F.silu(z), h
 
@@ -103,8 +104,9 @@ def test_scan_gradients_match_sequential_loop():
     leaves = [t.clone().requires_grad_() for t in (u, delta, A, B, C, D, z, delta_bias, h0)]
     y, h = naive_selective_scan(*leaves)
     want = torch.autograd.grad((y.sum() + h.sum()), leaves)
-    y, h = ssm_ops.selective_scan_ref(*leaves[:5], D=leaves[5], z=leaves[6], delta_bias=leaves[7], delta_softplus=True,
-                                      initial_state=leaves[8], return_last_state=True, chunk_size=8)
+    y, h = selective_scan.selective_scan_ref(*leaves[:5], D=leaves[5], z=leaves[6], delta_bias=leaves[7],
+                                             delta_softplus=True, initial_state=leaves[8], return_last_state=True,
+                                             chunk_size=8)
     got = torch.autograd.grad((y.sum() + h.sum()), leaves)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
@@ -121,7 +123,7 @@ def test_odd_even_scans_match_sequential_recurrences(n):
         want.append(h)
     for scratch in (None, torch.full((n // 2 + 1, 3, 2), float("nan"), dtype=torch.float64)):
         got, a_in = b.clone(), a.clone()
-        ssm_ops._scan_(a_in, got, scratch)
+        selective_scan._scan_(a_in, got, scratch)
         torch.testing.assert_close(got, torch.stack(want), rtol=1e-12, atol=1e-12)
         if scratch is not None:  # a left intact (and the never-read slot 0 of scratch really is never read)
             assert torch.equal(a_in, a)
@@ -130,15 +132,15 @@ def test_odd_even_scans_match_sequential_recurrences(n):
         G = a[t] * G + b[t]
         want.insert(0, G)
     got = b.clone()
-    ssm_ops._rscan_(a[:n - 1].clone(), got)
+    selective_scan._rscan_(a[:n - 1].clone(), got)
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-12, atol=1e-12)
 
 
 def _scan_fn(chunk):
     """_SelectiveScanFn on the caller's layouts: delta, du (b, d, l); A (d, n); B, C (b, l, n); h0 (b, d, n)."""
     def f(delta, du, A, Bt, Ct, h0):
-        y, h = ssm_ops._SelectiveScanFn.apply(delta.permute(2, 0, 1), du.permute(2, 0, 1), A, Bt.transpose(0, 1),
-                                              Ct.transpose(0, 1), h0, chunk)
+        y, h = selective_scan._SelectiveScanFn.apply(delta.permute(2, 0, 1), du.permute(2, 0, 1), A, Bt.transpose(0, 1),
+                                                     Ct.transpose(0, 1), h0, chunk)
         return y.permute(1, 2, 0), h
     return f
 
@@ -149,7 +151,7 @@ def _scan_fn(chunk):
                                           (17, 8, 20), (6, 1, 200)])
 def test_scan_backward_passes_gradcheck(monkeypatch, L, chunk, tile):
     """The hand-written backward against finite differences in fp64: odd lengths, a short last chunk, tiles."""
-    monkeypatch.setattr(ssm_ops, "_TILE_ELEMS", tile)
+    monkeypatch.setattr(selective_scan, "_TILE_ELEMS", tile)
     g = torch.Generator().manual_seed(L * 100 + chunk)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     b, d, n = 3, 4, 3
@@ -164,15 +166,15 @@ def test_scan_tiles_do_not_change_results(monkeypatch):
 
     def run():
         leaves = [t.clone().requires_grad_() for t in (u, delta, A, B, C, D, z, delta_bias, h0)]
-        y, h = ssm_ops.selective_scan_ref(*leaves[:5], D=leaves[5], z=leaves[6], delta_bias=leaves[7],
-                                          delta_softplus=True, initial_state=leaves[8], return_last_state=True,
-                                          chunk_size=8)
+        y, h = selective_scan.selective_scan_ref(*leaves[:5], D=leaves[5], z=leaves[6], delta_bias=leaves[7],
+                                                 delta_softplus=True, initial_state=leaves[8], return_last_state=True,
+                                                 chunk_size=8)
         (y.square().sum() + h.sum()).backward()
         return [y, h] + [t.grad for t in leaves]
 
     want = run()
     for tile in (1, 50, 400):  # channel tiles, tiles of one row, tiles of 2-3 rows
-        monkeypatch.setattr(ssm_ops, "_TILE_ELEMS", tile)
+        monkeypatch.setattr(selective_scan, "_TILE_ELEMS", tile)
         for got, w in zip(run(), want):
             torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-6)
 
@@ -184,8 +186,9 @@ def test_scan_is_stable_under_strong_decay():
     delta = delta * 20  # softplus(delta) up to ~70, A down to ~ -10
     want_y, want_h = naive_selective_scan(u, delta, A, B, C, D, z, delta_bias, h0)
     leaves = [t.clone().requires_grad_() for t in (u, delta, A, B, C, D, z, delta_bias, h0)]
-    y, h = ssm_ops.selective_scan_ref(*leaves[:5], D=leaves[5], z=leaves[6], delta_bias=leaves[7], delta_softplus=True,
-                                      initial_state=leaves[8], return_last_state=True, chunk_size=64)
+    y, h = selective_scan.selective_scan_ref(*leaves[:5], D=leaves[5], z=leaves[6], delta_bias=leaves[7],
+                                             delta_softplus=True, initial_state=leaves[8], return_last_state=True,
+                                             chunk_size=64)
     torch.testing.assert_close(y.double(), want_y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h.double(), want_h, rtol=1e-4, atol=1e-4)
     (y.sum() + h.sum()).backward()
@@ -204,7 +207,7 @@ def test_scan_keeps_nothing_of_size_state_times_length_for_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = ssm_ops.selective_scan_ref(*leaves, delta_softplus=True, chunk_size=chunk)
+        y = selective_scan.selective_scan_ref(*leaves, delta_softplus=True, chunk_size=chunk)
     # the largest things saved: (B, D, L) / (B, N, L) inputs, or the (L / chunk, B, D, N) chunk-entry states
     assert max(saved) <= max(b * d * L, b * n * L, (L // chunk) * b * d * n) < b * d * L * n
     y.sum().backward()
@@ -218,15 +221,15 @@ def test_ssd_ref_matches_sequential_loop(L, chunk, ngroups):
     x, dt, A = r(b, L, nh, p), r(b, L, nh) - 1.0, -torch.exp(r(nh) * 0.5)
     B, C, D, dt_bias, h0 = r(b, L, ngroups, n), r(b, L, ngroups, n), r(nh), r(nh) * 0.5, r(b, nh, p, n)
     want_y, want_s = naive_ssd(x, dt, A, B, C, D, dt_bias, h0)
-    y, s = ssm_ops.ssd_chunked_ref(x, dt, A, B, C, chunk, D=D, dt_bias=dt_bias, dt_softplus=True,
-                                   initial_states=h0, return_final_states=True)
+    y, s = ssd.ssd_chunked_ref(x, dt, A, B, C, chunk, D=D, dt_bias=dt_bias, dt_softplus=True,
+                               initial_states=h0, return_final_states=True)
     torch.testing.assert_close(y.double(), want_y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s.double(), want_s, rtol=1e-4, atol=1e-4)
 
 
 def test_segsum_is_stable_and_exact():
     a = -torch.rand(3, 50, dtype=torch.float64) * 30  # large cumulative sums: the naive difference cancels
-    seg = ssm_ops.segsum(a)
+    seg = ssd.segsum(a)
     i, j = 41, 7
     assert seg[1, i, j].item() == pytest.approx(a[1, j + 1:i + 1].sum().item(), rel=1e-12)
     assert seg[1, j, i] == float("-inf") and seg[1, i, i] == 0
@@ -363,11 +366,11 @@ def test_cpu_runs_the_reference_and_never_imports_mamba_ssm():
     had = "mamba_ssm" in sys.modules
     m = MambaLM(ARCH.config("tiny"))
     m(torch.randint(0, 512, (1, 10)))
-    assert m.last_backend == ssm_ops.REFERENCE == m.scan_backend()
-    assert ssm_ops.scan_backend("cpu") == ssm_ops.REFERENCE
+    assert m.last_backend == dispatch.REFERENCE == m.scan_backend()
+    assert dispatch.scan_backend("cpu") == dispatch.REFERENCE
     m2 = Mamba2LM(MAMBA2_ARCH.config("tiny"))
     m2(torch.randint(0, 512, (1, 10)))
-    assert m2.last_backend == ssm_ops.REFERENCE
+    assert m2.last_backend == dispatch.REFERENCE
     assert had or "mamba_ssm" not in sys.modules
 
 
@@ -526,8 +529,8 @@ def test_selective_scan_matches_mamba_ssm_selective_scan_ref(mamba_ssm_cpu):
     u, delta, A, B, C, D, z, delta_bias, _ = _scan_inputs(2, 8, 16, 150, seed=3, dtype=torch.float32)
     want_y, want_h = mamba_ssm_cpu.ssi.selective_scan_ref(u, delta, A, B, C, D, z=z, delta_bias=delta_bias,
                                                           delta_softplus=True, return_last_state=True)
-    y, h = ssm_ops.selective_scan_ref(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True,
-                                      return_last_state=True, chunk_size=64)
+    y, h = selective_scan.selective_scan_ref(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True,
+                                             return_last_state=True, chunk_size=64)
     torch.testing.assert_close(y, want_y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h, want_h, rtol=1e-4, atol=1e-4)
 
@@ -556,7 +559,7 @@ def test_ssd_matches_mamba_ssm_ssd_minimal(mamba_ssm_cpu, ngroups):
     B, C = torch.randn(b, L, ngroups, n, generator=g), torch.randn(b, L, ngroups, n, generator=g)
     Bh, Ch = (t.repeat_interleave(h // ngroups, dim=2) for t in (B, C))
     want_y, want_s = mamba_ssm_cpu.ssd_minimal.ssd_minimal_discrete(x * dt[..., None], A * dt, Bh, Ch, chunk)
-    y, s = ssm_ops.ssd_chunked_ref(x, dt, A, B, C, chunk, return_final_states=True)
+    y, s = ssd.ssd_chunked_ref(x, dt, A, B, C, chunk, return_final_states=True)
     torch.testing.assert_close(y, want_y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s, want_s, rtol=1e-4, atol=1e-4)
 
@@ -629,7 +632,7 @@ def _fake_triton(monkeypatch):
 
 @pytest.fixture
 def simulated_kernels(mamba_ssm_cpu, monkeypatch):
-    """The kernel path of ssm_ops / the models, run on CPU: every kernel is replaced by mamba-ssm's own
+    """The kernel path of models.ops / the models, run on CPU: every kernel is replaced by mamba-ssm's own
     reference implementation of the same signature (selective_scan_ref for selective_scan_fn, mamba_inner_ref
     for mamba_inner_fn, selective_state_update_ref for selective_state_update, ssd_minimal for
     mamba_chunk_scan_combined) or a test double of causal-conv1d's. This checks the dispatch plumbing --
@@ -643,12 +646,12 @@ def simulated_kernels(mamba_ssm_cpu, monkeypatch):
         ssu = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
     except ImportError as e:
         pytest.skip(f"mamba_ssm.ops.triton.selective_state_update does not import with a triton stub: {e}")
-    fake = ssm_ops.Kernels(
+    fake = dispatch.Kernels(
         selective_scan_fn=ssi.selective_scan_ref, mamba_inner_fn=ssi.mamba_inner_ref,
         selective_state_update=ssu.selective_state_update_ref, mamba_chunk_scan_combined=mamba_ssm_cpu.chunk_scan,
         causal_conv1d_fn=_causal_conv1d_ref, causal_conv1d_update=_causal_conv1d_update_double,
     )
-    monkeypatch.setattr(ssm_ops, "_kernels_for", lambda t: None if ssm_ops._forced_reference() else fake)
+    monkeypatch.setattr(dispatch, "kernels_for", lambda t: None if dispatch.reference_forced() else fake)
     return fake
 
 
@@ -674,10 +677,10 @@ def test_kernel_path_plumbing_on_cpu(simulated_kernels, arch):
         return logits.detach(), grads, torch.cat(parts, 1), cache, backends
 
     logits, grads, decoded, cache, backends = run()
-    assert backends == [ssm_ops.MAMBA_SSM] * 3  # forward, cold prefill, decode
-    with ssm_ops.use_reference():
+    assert backends == [dispatch.MAMBA_SSM] * 3  # forward, cold prefill, decode
+    with dispatch.use_reference():
         ref_logits, ref_grads, ref_decoded, ref_cache, ref_backends = run()
-    assert ref_backends == [ssm_ops.REFERENCE] * 3
+    assert ref_backends == [dispatch.REFERENCE] * 3
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(decoded, ref_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ref_decoded, ref_logits, rtol=1e-4, atol=1e-4)
@@ -705,26 +708,26 @@ def needs_kernels(fn):
 
 @needs_kernels
 def test_kernel_selective_scan_matches_reference():
-    k = ssm_ops.kernels()
+    k = dispatch.kernels()
     if k.selective_scan_fn is None:
         pytest.skip(f"selective_scan kernel unavailable: {k.errors}")
     u, delta, A, B, C, D, z, delta_bias, _ = _scan_inputs(2, 64, 16, 300, seed=5, dtype=torch.float32)
     args = [t.cuda() for t in (u, delta, A, B, C, D, z, delta_bias)]
     u, delta, A, B, C, D, z, delta_bias = args
     bf = lambda t: t.bfloat16()  # noqa: E731
-    y, h = ssm_ops.selective_scan(bf(u), bf(delta), A, bf(B), bf(C), D, z=bf(z), delta_bias=delta_bias,
-                                  delta_softplus=True, return_last_state=True)
-    assert ssm_ops.last_backend() == ssm_ops.MAMBA_SSM
-    with ssm_ops.use_reference():
-        y_ref, h_ref = ssm_ops.selective_scan(bf(u), bf(delta), A, bf(B), bf(C), D, z=bf(z),
-                                              delta_bias=delta_bias, delta_softplus=True, return_last_state=True)
-    assert ssm_ops.last_backend() == ssm_ops.REFERENCE
+    y, h = selective_scan.selective_scan(bf(u), bf(delta), A, bf(B), bf(C), D, z=bf(z), delta_bias=delta_bias,
+                                         delta_softplus=True, return_last_state=True)
+    assert dispatch.last_backend() == dispatch.MAMBA_SSM
+    with dispatch.use_reference():
+        y_ref, h_ref = selective_scan.selective_scan(bf(u), bf(delta), A, bf(B), bf(C), D, z=bf(z),
+                                                     delta_bias=delta_bias, delta_softplus=True, return_last_state=True)
+    assert dispatch.last_backend() == dispatch.REFERENCE
     assert _rel_err(y, y_ref) < 1e-2 and _rel_err(h, h_ref) < 1e-2
 
 
 @needs_kernels
 def test_kernel_ssd_matches_reference():
-    k = ssm_ops.kernels()
+    k = dispatch.kernels()
     if k.mamba_chunk_scan_combined is None:
         pytest.skip(f"mamba_chunk_scan_combined unavailable: {k.errors}")
     g = torch.Generator().manual_seed(0)
@@ -735,10 +738,10 @@ def test_kernel_ssd_matches_reference():
     h0 = torch.randn(b, h, p, n, generator=g)
     x, dt, A, D, dt_bias, B, C, h0 = (t.cuda() for t in (x, dt, A, D, dt_bias, B, C, h0))
     kw = dict(D=D, dt_bias=dt_bias, dt_softplus=True, initial_states=h0, return_final_states=True)
-    y, s = ssm_ops.ssd_scan(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), 64, **kw)
-    assert ssm_ops.last_backend() == ssm_ops.MAMBA_SSM
-    with ssm_ops.use_reference():
-        y_ref, s_ref = ssm_ops.ssd_scan(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), 64, **kw)
+    y, s = ssd.ssd_scan(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), 64, **kw)
+    assert dispatch.last_backend() == dispatch.MAMBA_SSM
+    with dispatch.use_reference():
+        y_ref, s_ref = ssd.ssd_scan(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), 64, **kw)
     assert _rel_err(y, y_ref) < 2e-2 and _rel_err(s, s_ref) < 2e-2  # the kernel rounds C.B^T to bf16 inside
 
 
@@ -747,15 +750,15 @@ def test_kernel_ssd_matches_reference():
 def test_kernel_model_matches_reference_bf16(arch):
     torch.manual_seed(0)
     model = arch.model_cls(arch.config("small")).cuda().to(torch.bfloat16).eval()
-    if model.scan_backend() != ssm_ops.MAMBA_SSM:
-        pytest.skip(f"kernels unavailable: {ssm_ops.kernel_status()}")
+    if model.scan_backend() != dispatch.MAMBA_SSM:
+        pytest.skip(f"kernels unavailable: {dispatch.kernel_status()}")
     x = torch.randint(0, 512, (2, 200), device="cuda")
     with torch.no_grad():
         fast = model(x).float()
-        assert model.last_backend == ssm_ops.MAMBA_SSM
-        with ssm_ops.use_reference():
+        assert model.last_backend == dispatch.MAMBA_SSM
+        with dispatch.use_reference():
             ref = model(x).float()
-        assert model.last_backend == ssm_ops.REFERENCE
+        assert model.last_backend == dispatch.REFERENCE
         # kernels in decode: prefill + single steps against the kernel forward
         cache = model.allocate_cache(2, 200)
         parts = [model.step(x[:, :150], cache)] + [model.step(x[:, t:t + 1], cache) for t in range(150, 160)]
@@ -768,8 +771,8 @@ def test_kernel_model_matches_reference_bf16(arch):
 def test_kernel_backward_matches_reference(arch):
     torch.manual_seed(0)
     model = arch.model_cls(arch.config("tiny")).cuda()
-    if model.scan_backend() != ssm_ops.MAMBA_SSM:
-        pytest.skip(f"kernels unavailable: {ssm_ops.kernel_status()}")
+    if model.scan_backend() != dispatch.MAMBA_SSM:
+        pytest.skip(f"kernels unavailable: {dispatch.kernel_status()}")
     x = torch.randint(0, 512, (2, 128), device="cuda")
 
     def grads():
@@ -778,6 +781,6 @@ def test_kernel_backward_matches_reference(arch):
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     fast = grads()
-    with ssm_ops.use_reference():
+    with dispatch.use_reference():
         ref = grads()
     assert _rel_err(fast, ref) < 1e-2
