@@ -24,6 +24,7 @@ import torch
 
 from models import registry
 
+from . import runtime
 from .config import ConfigError, DataConfig, TrainConfig
 
 # the training loop's bookkeeping, mirrored here (harness.train.loop)
@@ -131,16 +132,13 @@ def memory_message(parts: dict[str, float], memory: tuple[int, str]) -> str | No
 # device
 
 def check_device(spec: str, field: str = "device", world_size: int = 1) -> torch.device:
-    """The device ``spec`` (auto | cpu | cuda | cuda:N) names, or ConfigError naming ``field``."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"{field}: {spec!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    """The device ``spec`` (auto | cpu | cuda | cuda:N) names, or ConfigError naming ``field``: what
+    ``harness.runtime.resolve_device`` refuses, and a CUDA index or rank count beyond this machine's GPUs,
+    MPS without MPS, or any other device type."""
+    if spec in (None, ""):  # (runtime takes a blank spec for auto; a config or --device must say auto)
+        raise ConfigError(f"{field}: {spec!r} is not a device (auto, cpu, cuda or cuda:N)")
+    device = runtime.resolve_device(spec, error=ConfigError, field=field)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{field}: {spec!r} asked for but CUDA is not available on this machine")
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             raise ConfigError(f"{field}: {spec!r} asked for but this machine has {count} CUDA device(s)")
@@ -156,8 +154,8 @@ def check_device(spec: str, field: str = "device", world_size: int = 1) -> torch
 
 
 def _activation_bytes(precision: str, device: torch.device) -> int:
-    """2 under bf16 autocast (precision bf16, or auto on CUDA: harness.train.loop.autocast_dtype), else 4."""
-    return 2 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else 4
+    """2 under bf16 autocast (precision bf16, or auto on CUDA: harness.runtime.autocast_dtype), else 4."""
+    return 4 if runtime.autocast_dtype(precision, device) is None else 2
 
 
 # ---------------------------------------------------------------------------------------------------------

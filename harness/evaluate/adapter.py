@@ -43,6 +43,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the option
                       "(or `pip install -e '.[eval]'`)") from e
 from tqdm import tqdm
 
+from .. import runtime
+
 log = logging.getLogger(__name__)
 
 MODEL_TYPE = "harness"
@@ -70,18 +72,6 @@ def parse_batch_size(batch_size: Any, max_batch_size: Any = None) -> int:
     if max_batch_size not in (None, ""):
         bs = min(bs, int(max_batch_size))
     return max(1, bs)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise AdapterError(f"unknown device {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise AdapterError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def _as_bool(v: Any) -> bool:
@@ -122,7 +112,7 @@ class HarnessLM(TemplateLM):
                                "(valid: checkpoint, batch_size, max_batch_size, device, dtype, max_length, "
                                "max_gen_toks, use_cache, logits_cache)")
         checkpoint = checkpoint if checkpoint is not None else pretrained
-        self._device = resolve_device(device)
+        self._device = runtime.resolve_device(device, error=AdapterError)
         self.state: dict[str, Any] | None = None
         if checkpoint is not None:
             if model is not None:

@@ -11,10 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
-import resource
 import signal
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,10 +26,10 @@ from models.pattention import scale_tokens_of
 from .. import data as data_lib
 from .. import faults
 from ..config import ConfigError, TrainConfig, identity_dict
+from ..runtime import autocast, autocast_dtype, environment, peak_memory_bytes, resolve_device
 from . import distributed
 from .checkpoint import load_checkpoint, read_state, recover, save_checkpoint
 from .distributed import DistInfo, all_reduce_sum
-from .validate import autocast as _autocast
 from .validate import evaluate
 from .optim import build_optimizer, lr_at, no_decay_names
 
@@ -67,21 +64,6 @@ def check_resume_config(saved: dict[str, Any], cfg: TrainConfig, where: Path) ->
                               f"--force), or use another --out")
 
 
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {spec!r} asked for but CUDA is not available")
-    return device
-
-
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type != "cuda"):
-        return None
-    return torch.bfloat16
-
-
 def build_model_config(cfg: TrainConfig, vocab_size: int):
     """The registry config with the run's overrides: the vocabulary follows the tokenizer (rounded up to a
     multiple of 64 for matmul-friendly shapes), the context follows seq_len."""
@@ -104,22 +86,6 @@ def total_steps(cfg: TrainConfig, flops_per_token: float, seq_len: int) -> int:
     return max(1, math.ceil(b.flops / (flops_per_token * tokens_per_step)))
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    # CPU: peak resident set size of this process (Linux reports KiB)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def environment() -> dict[str, Any]:
-    info = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
 def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, max_steps_this_run: int | None = None,
           on_log: Callable[[dict], None] | None = None, guard: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train ``cfg`` into ``out_dir`` (metrics.jsonl, checkpoint/). Returns a summary of what was spent and
@@ -137,8 +103,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, max_steps_
 
 
 def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, device_spec, guard=None) -> dict[str, Any]:
-    device = resolve_device(device_spec)
-    amp_dtype = autocast_dtype(cfg, device)
+    device = resolve_device(device_spec, error=ConfigError)
+    amp_dtype = autocast_dtype(cfg.precision, device)
     mode = distributed.resolve_mode(cfg.parallel, info)
     micro = cfg.micro_batch_size or cfg.batch_size // info.world_size
     if cfg.batch_size % (micro * info.world_size):
@@ -247,7 +213,7 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
             loss_sum = 0.0
             for i in range(0, rows, micro):
                 x, y = x_all[i:i + micro].to(device), y_all[i:i + micro].to(device)
-                with _autocast(device, amp_dtype):
+                with autocast(device, amp_dtype):
                     logits = step_fn(x)
                 # each micro-batch's share of this rank's mean; DDP / FSDP average the ranks' gradients
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) * (micro / rows)

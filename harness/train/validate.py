@@ -8,7 +8,6 @@ that fall in that source's documents, and bits per byte use that source's own by
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any
 
@@ -16,14 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..runtime import autocast  # noqa: F401 - also imported from here by harness.bench
 from .distributed import DistInfo, all_reduce_sum
-
-
-def autocast(device, amp_dtype):
-    """bf16 autocast (the training fast path on CUDA) or nothing (fp32); the loop, validation and bench share it."""
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
 @torch.no_grad()
