@@ -102,7 +102,7 @@ class MambaConfig(SSMShape, ModelConfig):
     def uncounted_flops_per_token(self, seq_len: int | None = None) -> float:
         """Forward FLOPs per token that FlopCounterMode cannot see on the reference path: the scan and the
         depthwise conv, both written with elementwise ops only (the counter sees matmuls and convolutions;
-        see models.ops.causal_conv._depthwise_causal for why the conv is not an F.conv1d)."""
+        see models.ops.causal_conv for why the conv is not an F.conv1d)."""
         return float(self.n_layer * (self._layer_scan_flops() + 2 * self.d_inner * self.d_conv))
 
 

@@ -115,9 +115,8 @@ class Mamba2Config(SSMShape, ModelConfig):
 
     def uncounted_flops_per_token(self, seq_len: int | None = None) -> float:
         """Forward FLOPs per token FlopCounterMode cannot see on the reference path: only the depthwise conv
-        (elementwise there, see models.ops.causal_conv._depthwise_causal). The SSD terms are explicit torch.matmul
-        calls the counter sees; the SSD's elementwise work (masks, exps, the chunk-to-chunk carry) is not counted
-        anywhere."""
+        (elementwise there, see models.ops.causal_conv). The SSD terms are explicit torch.matmul calls the
+        counter sees; the SSD's elementwise work (masks, exps, the chunk-to-chunk carry) is not counted anywhere."""
         return float(self.n_layer * 2 * self.conv_dim * self.d_conv)
 
 

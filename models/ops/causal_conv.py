@@ -2,7 +2,9 @@
 
 Layout (nn.Conv1d's, as causal-conv1d's kernels): x (B, C, L) channels-first; weight (C, 1, W); bias (C,);
 conv state (B, C, W), the last W *raw* (pre-conv) inputs seen. The kernel path (causal-conv1d, CUDA only) is
-chosen by :func:`models.ops.dispatch.kernels_for`; the reference path is :func:`_depthwise_causal`.
+chosen by :func:`models.ops.dispatch.kernels_for`; the reference path is :func:`_depthwise_causal`, written
+elementwise rather than as an F.conv1d so that FlopCounterMode neither sees nor miscounts it (its docstring
+says why; the models add its FLOPs by hand in ``uncounted_flops_per_token``).
 """
 from __future__ import annotations
 
