@@ -3,7 +3,7 @@ field or the file (the CLI prints it and exits 2), instead of after a run direct
 report exists.
 
 - :func:`check_model_fit`: the registry config the training loop will build (the same overrides as
-  ``harness.train.loop.build_model_config``), the context it supports, and a rough estimate of one micro-batch's
+  ``harness.model_config.resolve_model_config``), the context it supports, and a rough estimate of one micro-batch's
   training memory against the memory available on the device.
 - :func:`check_data`: the data source exists and holds documents (read lazily: at most the first two
   documents, never tokenized), the tokenizer is known and its files are installed (never loaded).
@@ -26,6 +26,7 @@ from models import registry
 
 from . import runtime
 from .config import ConfigError, DataConfig, TrainConfig
+from .model_config import resolve_model_config
 
 # the training loop's bookkeeping, mirrored here (harness.train.loop)
 CHECKPOINT_DIR = "checkpoint"
@@ -162,19 +163,13 @@ def _activation_bytes(precision: str, device: torch.device) -> int:
 # the model
 
 def build_model_config(cfg: TrainConfig, vocab_size: int | None = None):
-    """(model config, seq_len) exactly as ``harness.train.loop.build_model_config`` resolves them: the
+    """(model config, seq_len) exactly as the training loop resolves them (harness.model_config): the
     vocabulary follows the tokenizer (rounded up to a multiple of 64) unless model_overrides sets it, and the
     context is raised to seq_len when the preset (or model_overrides.max_seq_len) is shorter, so every model
-    -- learned positions included -- is built for the run's seq_len."""
-    overrides = dict(cfg.model_overrides)
-    if vocab_size is not None:
-        overrides.setdefault("vocab_size", 64 * math.ceil(vocab_size / 64))
+    -- learned positions included -- is built for the run's seq_len. A rejected field value is a ConfigError."""
     try:
-        base = registry.get_config(cfg.model, cfg.preset)
-        seq_len = cfg.seq_len or base.max_seq_len
-        if seq_len > overrides.get("max_seq_len", base.max_seq_len):
-            overrides["max_seq_len"] = seq_len
-        return registry.get_config(cfg.model, cfg.preset, **overrides), seq_len
+        return resolve_model_config(cfg.model, cfg.preset, seq_len=cfg.seq_len, tokenizer_vocab=vocab_size,
+                                    overrides=cfg.model_overrides)
     except registry.UnknownModelError:
         raise
     except (ValueError, TypeError) as e:  # a model config rejecting a field value

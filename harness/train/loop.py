@@ -26,6 +26,7 @@ from models.pattention import scale_tokens_of
 from .. import data as data_lib
 from .. import faults
 from ..config import ConfigError, TrainConfig, identity_dict
+from ..model_config import resolve_model_config
 from ..runtime import autocast, autocast_dtype, environment, peak_memory_bytes, resolve_device
 from . import distributed
 from .checkpoint import load_checkpoint, read_state, recover, save_checkpoint
@@ -65,15 +66,9 @@ def check_resume_config(saved: dict[str, Any], cfg: TrainConfig, where: Path) ->
 
 
 def build_model_config(cfg: TrainConfig, vocab_size: int):
-    """The registry config with the run's overrides: the vocabulary follows the tokenizer (rounded up to a
-    multiple of 64 for matmul-friendly shapes), the context follows seq_len."""
-    overrides = dict(cfg.model_overrides)
-    overrides.setdefault("vocab_size", 64 * math.ceil(vocab_size / 64))
-    base = registry.get_config(cfg.model, cfg.preset)
-    seq_len = cfg.seq_len or base.max_seq_len
-    if seq_len > overrides.get("max_seq_len", base.max_seq_len):
-        overrides["max_seq_len"] = seq_len
-    return registry.get_config(cfg.model, cfg.preset, **overrides), seq_len
+    """(model config, seq_len) of ``cfg`` for a tokenizer of ``vocab_size`` (harness.model_config)."""
+    return resolve_model_config(cfg.model, cfg.preset, seq_len=cfg.seq_len, tokenizer_vocab=vocab_size,
+                                overrides=cfg.model_overrides)
 
 
 def total_steps(cfg: TrainConfig, flops_per_token: float, seq_len: int) -> int:
