@@ -7,6 +7,7 @@ import torch
 
 from harness import bench, bench_report
 from harness.cli import main
+from models import registry
 from models.ops import dispatch as ssm_ops
 from models.mamba import MambaLM, SSMCache
 from models.transformer import Transformer
@@ -22,8 +23,8 @@ ROW_FIELDS = ("model", "preset", "seq_len", "batch_size", "device", "device_name
 @pytest.fixture
 def fast_peak(monkeypatch):
     """Skip the 2048^2 matmul where a test does not need it."""
-    monkeypatch.setattr(bench, "measure_matmul_flops", lambda device, dtype, n, repeats=5: 1e10)
-    monkeypatch.setattr(bench, "_PEAK_CACHE", {})
+    monkeypatch.setattr(bench.timing, "measure_matmul_flops", lambda device, dtype, n, repeats=5: 1e10)
+    monkeypatch.setattr(bench.timing, "_PEAK_CACHE", {})
 
 
 def _spec(tmp_path, **kw):
@@ -100,7 +101,7 @@ def test_decode_goes_through_the_cache_api(tmp_path, fast_peak, monkeypatch):
     assert mamba["attention_backend"] is None
     assert mamba["scan_backend"] == mamba["decode_scan_backend"] == ssm_ops.REFERENCE
     # Mamba's cache: constant conv + fp32 SSM state; computed from its tensors
-    model = MambaLM(bench.registry.get_config("mamba", "tiny"))
+    model = MambaLM(registry.get_config("mamba", "tiny"))
     cache = model.allocate_cache(1, 16)
     assert isinstance(cache, SSMCache)
     expected = sum(t.numel() * t.element_size() for t in cache.conv_states + cache.ssm_states)
@@ -123,8 +124,8 @@ def test_oom_is_recorded_and_the_sweep_continues(tmp_path, fast_peak, monkeypatc
         return original_decode(model, tokens, cache)
 
     original_decode = bench.decode_step
-    monkeypatch.setattr(bench, "train_step", train_step)
-    monkeypatch.setattr(bench, "decode_step", decode_step)
+    monkeypatch.setattr(bench.phases, "train_step", train_step)  # patched where bench_row's phases look it up
+    monkeypatch.setattr(bench.phases, "decode_step", decode_step)
     result = bench.run_bench(_spec(tmp_path, seq_len="8,16,24"), log=None)
     by_seq = {r["seq_len"]: r for r in result.rows}
     assert [r["seq_len"] for r in result.rows] == [8, 16, 24]
@@ -159,9 +160,9 @@ def test_bad_requests_one_line_exit_2(argv, needle, tmp_path, capsys):
 
 
 def test_preset_too_large_for_the_device(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "device_memory_bytes", lambda device: (8 * 2**30, "available RAM"))
+    monkeypatch.setattr(bench.spec, "device_memory_bytes", lambda device: (8 * 2**30, "available RAM"))
     built = []
-    monkeypatch.setattr(bench.registry, "build_from_config", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(registry, "build_from_config", lambda *a, **k: built.append(a))
     assert main(["bench", "--model", "tokenformer", "--preset", "tiny,1.5b", "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'1.5b' of tokenformer is too large for cpu" in err[0]
