@@ -235,8 +235,10 @@ ARCH = Architecture(
         "1.4b": dict(d_model=2048, n_layer=48, vocab_size=GPT_NEOX_VOCAB, max_seq_len=2048),
     },
     description="Mamba-1 selective SSM LM (Gu & Dao 2023), mamba-ssm MambaLMHeadModel layout",
-    # Parameter counts of the released state-spaces/mamba-* checkpoints (embedding 50280 x d, tied head).
-    # The names are rounded: "1.4b" actually holds 1.372B parameters (2% under its name), hence exact counts.
+    # Parameter counts of the released state-spaces/mamba-* checkpoints (embedding 50280 x d, tied head), as
+    # their fp32 pytorch_model.bin sizes on the hub give them (bytes / 4, less the pickle's few hundred bytes:
+    # tests/models/test_published_counts.py::test_mamba1_release_file_size_is_reproduced). The names are
+    # rounded: "1.4b" actually holds 1.372B parameters (2% under its name), hence exact counts.
     published={
         "130m": 129_135_360,
         "370m": 371_516_416,

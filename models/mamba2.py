@@ -241,17 +241,12 @@ MAMBA2_ARCH = Architecture(
         "2.7b": dict(d_model=2560, n_layer=64, vocab_size=GPT_NEOX_VOCAB, max_seq_len=2048),
     },
     description="Mamba-2 SSD LM (Dao & Gu 2024), mamba-ssm MambaLMHeadModel + Mamba2 mixer layout",
-    # The state-spaces/mamba2-* model cards give only the rounded names, no exact counts; these are the
-    # analytic counts of the released configs (d_state 128, headdim 64, ngroups 1, vocab 50277 padded to
-    # 50288, tied head, no MLP), i.e. what those checkpoints hold if their config.json is as published.
-    published={
-        "130m": 128_989_632,
-        "370m": 368_346_624,
-        "780m": 780_161_280,
-        "1.3b": 1_343_757_312,
-        "2.7b": 2_702_599_680,
-    },
-    published_tolerance=0.01,
+    # The state-spaces/mamba2-* model cards and the Mamba-2 paper (arXiv 2405.21060) name the sizes only:
+    # 130M, 370M, 780M, 1.3B, 2.7B. The held counts (128.99M .. 2.703B; "1.3b" holds 1.344B, 3.4% over) are
+    # bounded by the names to 3.5%; the exact check is the released files' byte sizes
+    # (tests/models/test_published_counts.py::test_mamba2_release_file_size_is_reproduced).
+    published={"130m": 130e6, "370m": 370e6, "780m": 780e6, "1.3b": 1.3e9, "2.7b": 2.7e9},
+    published_tolerance=0.035,
 )
 
 # SSMCache is re-exported: the decode cache type of Mamba2LM.allocate_cache
