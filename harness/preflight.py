@@ -44,9 +44,6 @@ TOKENIZER_VOCAB = {"byte": 257, "gpt2": 50257, "neox": 50280}
 # about 2x this (~140 B instead of 68: SwiGLU, rotary and norm temporaries), so the estimate is a low one: a
 # refusal means the run cannot fit, while passing does not promise that it will.
 ACTIVATION_BYTES_16BIT = 34
-# a Mamba block is one mixer (no MLP beside it) and mamba-ssm's fused scan saves about half a transformer
-# block's activations; counted at half, the estimate stays below the CPU reference scan's measured ~150 B too
-SSM_LAYER_SHARE = 0.5
 LOGIT_BYTES = 4 * 3            # fp32 logits, their log-softmax and its gradient, per token and vocabulary entry
 TRAIN_BYTES_PER_PARAM = 16     # fp32 weights, gradients, AdamW exp_avg and exp_avg_sq
 INFER_BYTES_PER_PARAM = 4
@@ -83,10 +80,6 @@ def mem_available_bytes() -> int | None:
     return None
 
 
-def _vocab(model_cfg) -> int:
-    return int(getattr(model_cfg, "padded_vocab_size", None) or model_cfg.vocab_size)
-
-
 def training_memory_bytes(model_cfg, seq_len: int, micro_batch: int, activation_bytes: int = 4) -> dict[str, float]:
     """A rough (low) estimate of the memory one training micro-batch of ``micro_batch`` x ``seq_len`` tokens
     needs: weights + gradients + AdamW state, the logits, and every layer's saved activations (see
@@ -94,9 +87,9 @@ def training_memory_bytes(model_cfg, seq_len: int, micro_batch: int, activation_
     tokens = float(micro_batch) * float(seq_len)
     parts = {
         "params": float(model_cfg.num_params()) * TRAIN_BYTES_PER_PARAM,
-        "logits": tokens * _vocab(model_cfg) * LOGIT_BYTES,
+        "logits": tokens * model_cfg.embedding_rows * LOGIT_BYTES,
         "layers": tokens * model_cfg.width * model_cfg.n_layers * ACTIVATION_BYTES_16BIT * activation_bytes / 2
-        * (SSM_LAYER_SHARE if hasattr(model_cfg, "d_state") else 1.0),
+        * model_cfg.activation_share,  # declared by the config (models.base.ModelConfig)
     }
     parts["total"] = sum(parts.values())
     return parts
@@ -108,7 +101,7 @@ def inference_memory_bytes(model_cfg, seq_len: int, batch: int, activation_bytes
     tokens = float(batch) * float(seq_len)
     parts = {
         "params": float(model_cfg.num_params()) * INFER_BYTES_PER_PARAM,
-        "logits": tokens * _vocab(model_cfg) * 4 * 2,
+        "logits": tokens * model_cfg.embedding_rows * 4 * 2,
         "layers": tokens * model_cfg.width * ACTIVATION_BYTES_16BIT * activation_bytes / 2,
     }
     parts["total"] = sum(parts.values())
@@ -188,10 +181,10 @@ def check_model_fit(cfg: TrainConfig, world_size: int = 1, device: torch.device 
     ``device``: where it runs (default: ``cfg.device`` resolved); ``world_size``: ranks under torchrun."""
     vocab = tokenizer_vocab(cfg.data.tokenizer)
     model_cfg, seq_len = build_model_config(cfg, vocab)
-    if vocab is not None and _vocab(model_cfg) < vocab:  # (an SSM's embedding holds its padded vocabulary)
+    if vocab is not None and model_cfg.embedding_rows < vocab:  # (an SSM's embedding holds its padded vocabulary)
         raise ConfigError(f"model_overrides.vocab_size: {model_cfg.vocab_size} is smaller than the "
                           f"{cfg.data.tokenizer} tokenizer's vocabulary ({vocab})")
-    if cfg.init_from and getattr(model_cfg, "positions", None) == "learned":
+    if cfg.init_from and model_cfg.position_table:
         limit = _checkpoint_context(cfg.init_from)
         if limit is not None and seq_len > limit:
             raise ConfigError(f"seq_len: {seq_len} is beyond the {limit} learned positions of the init_from "

@@ -8,7 +8,7 @@ loop, the lm-eval adapter, the bench, growth -- talks to models through :class:`
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -27,6 +27,11 @@ class ModelConfig:
     max_seq_len: int = 2048  # the preset's context length: FLOPs in the table are quoted at it
 
     # --- shape ------------------------------------------------------------------------------------------
+    # the config field that sets n_layers: depth growth (G_stack, block expansion) writes it
+    depth_field: ClassVar[str] = "n_layers"
+    # one block's saved activations relative to a transformer block's: pre-flight's training-memory estimate
+    activation_share: ClassVar[float] = 1.0
+
     # (a subclass's dataclass field of the same name, with its default, replaces these properties)
     @property
     def n_layers(self) -> int:
@@ -37,6 +42,17 @@ class ModelConfig:
     def width(self) -> int:
         """The residual stream's width (d_model)."""
         raise NotImplementedError(f"{type(self).__name__} must define width")
+
+    @property
+    def embedding_rows(self) -> int:
+        """Rows of the token embedding and output head: the vocabulary, or a padded one."""
+        return self.vocab_size
+
+    @property
+    def position_table(self) -> bool:
+        """Whether the model holds learned positions for max_seq_len tokens (a checkpoint's context cannot then
+        grow); False for rotary or recurrent models."""
+        return False
 
     # --- analytic counts, documented next to each architecture -------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:

@@ -45,6 +45,12 @@ class SSMShape:
     """What Mamba-1 and Mamba-2 configs share: the table's n_layers / width, the inner width and the padded
     embedding (mamba-ssm's pad_vocab_size_multiple)."""
 
+    depth_field = "n_layer"  # mamba-ssm's name
+    # a Mamba block is one mixer (no MLP beside it) and mamba-ssm's fused scan saves about half a transformer
+    # block's activations; counted at half, pre-flight's estimate stays below the CPU reference scan's measured
+    # ~150 B per token and width too
+    activation_share = 0.5
+
     @property
     def n_layers(self) -> int:
         return self.n_layer
@@ -60,6 +66,10 @@ class SSMShape:
     @property
     def padded_vocab_size(self) -> int:
         return pad_to_multiple(self.vocab_size, self.pad_vocab_size_multiple)
+
+    @property
+    def embedding_rows(self) -> int:
+        return self.padded_vocab_size
 
 
 # ==========================================================================================================

@@ -100,6 +100,10 @@ class TransformerConfig(ModelConfig):
         return self.d_model
 
     @property
+    def position_table(self) -> bool:
+        return self.positions == "learned"
+
+    @property
     def block_norm_spec(self) -> NormSpec:
         return NormSpec(self.norm, self.norm_affine, self.norm_bias, self.norm_eps)
 

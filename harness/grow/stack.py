@@ -24,15 +24,12 @@ from models.pattention import Pattention
 
 from .plan import Growth, GrowthError, ParamPlan, build_target, config_diff, materialize
 
-DEPTH_FIELDS = ("n_layers", "n_layer")
-
-
 def depth_field(config) -> str:
-    fields = getattr(config, "__dataclass_fields__", {})
-    for f in DEPTH_FIELDS:
-        if f in fields:
-            return f
-    raise GrowthError(f"G_stack: {type(config).__name__} has no depth field ({' or '.join(DEPTH_FIELDS)})")
+    """The config field depth growth writes (``ModelConfig.depth_field``), or a one-line GrowthError."""
+    field = getattr(type(config), "depth_field", None)
+    if field not in getattr(config, "__dataclass_fields__", {}):
+        raise GrowthError(f"G_stack: {type(config).__name__} declares no depth field (ModelConfig.depth_field)")
+    return field
 
 
 def check_depth_growth(old, new, what: str) -> tuple[str, int, int]:

@@ -161,6 +161,13 @@ def test_shape_contract(name):
     assert hidden["x"].shape == (1, 5, cfg.width)
     row = next(r for r in registry.table() if r["model"] == name and r["preset"] == "tiny")
     assert (row["layers"], row["width"]) == (cfg.n_layers, cfg.width)
+    # depth growth writes depth_field: it is the config field that n_layers reports
+    assert getattr(cfg, cfg.depth_field) == cfg.n_layers and cfg.depth_field in cfg.__dataclass_fields__
+    deeper = registry.get_config(name, "tiny", **{cfg.depth_field: cfg.n_layers + 1})
+    assert len(registry.build_from_config(deeper, name, device="meta").block_modules()) == cfg.n_layers + 1
+    # pre-flight's memory estimate reads embedding_rows (the token embedding's rows) and activation_share
+    assert model.embedding_parameters()[0].shape == (cfg.embedding_rows, cfg.width)
+    assert 0 < cfg.activation_share <= 1 and isinstance(cfg.position_table, bool)
 
 
 @pytest.mark.parametrize("name", ARCHS)
