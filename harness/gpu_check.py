@@ -253,8 +253,8 @@ def step_environment(s: Step) -> None:
             r["driver"] = None
     else:
         r["gpu"] = "none"
-    from models import ssm_ops
-    r["mamba_kernels"] = ssm_ops.kernel_status()
+    from models.ops import dispatch
+    r["mamba_kernels"] = dispatch.kernel_status()
     s.check("torch sees the device", s.dry or torch.cuda.is_available(),
             r.get("gpu", "none") if not s.dry else "dry run: cpu")
 
@@ -288,10 +288,13 @@ def _train(model, inputs, targets, steps: int, amp, compile_: bool = False, lr: 
 
 
 def _build(arch: str, preset: str, device, seq: int):
+    """The preset (its vocabulary) built for ``seq`` (max_seq_len raised when shorter), as the bench builds it."""
     import torch
 
     from models import registry
-    cfg = registry.get_config(arch, preset, **({"max_seq_len": seq} if seq > registry.get_config(arch, preset).max_seq_len else {}))
+
+    from .model_config import resolve_model_config
+    cfg, _ = resolve_model_config(arch, preset, seq_len=seq)
     torch.manual_seed(0)
     return registry.build_from_config(cfg, arch, device=device), cfg
 

@@ -23,8 +23,7 @@ the sweep continues.
 
 Layout (each module imports only the others' public names):
 
-    spec.py     the request: defaults, validation into a BenchSpec (BenchError), the device, its memory, name
-                and environment
+    spec.py     the request: defaults, validation into a BenchSpec (BenchError), the device and its memory
     timing.py   repeats and their statistics, peak FLOP/s for MFU (datasheet table or a timed matmul), SDPA
                 backend selection and probing
     memory.py   MemoryMeter (CUDA allocator peak / sampled CPU RSS), release_memory, is_oom, bytes saved for
@@ -32,19 +31,22 @@ Layout (each module imports only the others' public names):
     phases.py   the timed steps, the train / prefill / decode phases, bench_row (one row)
     run.py      run_bench (every row, merged into bench.json, then the files), BenchResult, the CLI command
 
+Shared with the rest of the harness: harness.runtime (device resolution, autocast, peak memory, device name,
+environment) and harness.model_config (registry preset -> the config a row builds).
+
 The names below are re-exported for callers (``from harness import bench; bench.run_bench(...)``). To replace
 one in a test, patch the module that looks it up: ``harness.bench.phases.train_step``, not ``bench.train_step``.
 """
 from __future__ import annotations
 
-from ..train.validate import autocast  # the training loop's own: bench times what the loop runs
+from ..runtime import autocast, device_name, environment  # shared with the training loop
 from .memory import MemoryMeter, cache_nbytes, is_oom, release_memory, rss_bytes, saved_activation_bytes
 from .phases import (bench_row, decode_phase, decode_step, make_loss_fn, prefill_phase, prefill_step, train_phase,
                      train_step)
 from .run import BenchResult, cli, run_bench
 from .spec import (BACKENDS, BYTES_PER_PARAM_TRAINING, CPU_DEFAULTS, CPU_SWEEP, DEFAULT_MODELS, DEFAULT_PRESETS,
                    DEFAULT_ROOT, DTYPES, GPU_DEFAULTS, GPU_SWEEP, BenchError, BenchSpec, cell_impls,
-                   device_memory_bytes, device_name, environment, make_spec, resolve_device)
+                   device_memory_bytes, make_spec, resolve_device)
 from .timing import (GPU_PEAK_BF16_TFLOPS, SDPA_NAMES, attention_backend, measure_matmul_flops, peak_flops,
                      sdpa_context, sdpa_order, synchronize, throughput, time_repeats)
 

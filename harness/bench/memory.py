@@ -7,14 +7,14 @@ import contextlib
 import ctypes
 import gc
 import os
-import resource
 import threading
 
 import torch
 
 from models.pattention import Pattention
 
-from ..train.validate import autocast  # the training loop's own: bench measures what the loop runs
+from .. import runtime
+from ..runtime import autocast  # the training loop's own: bench measures what the loop runs
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -71,7 +71,7 @@ class MemoryMeter:
             return self
         rss = rss_bytes()
         if rss is None:
-            self.baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.baseline = runtime.peak_memory_bytes(self.device)  # ru_maxrss
         else:
             self.baseline = self._peak = rss
         return self
@@ -110,9 +110,9 @@ class MemoryMeter:
 
     def peak(self) -> int:
         if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
+            return int(runtime.peak_memory_bytes(self.device))  # max_memory_allocated
         if rss_bytes() is None:
-            return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.baseline)
+            return max(0, runtime.peak_memory_bytes(self.device) - self.baseline)  # ru_maxrss
         self._observe()
         return max(0, self._peak - self.baseline)
 

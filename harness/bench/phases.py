@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 from models import registry
 
-from ..train.validate import autocast  # the training loop's own: bench times what the loop runs
+from ..model_config import resolve_model_config
+from ..runtime import autocast, device_name  # the training loop's autocast: bench times what the loop runs
 from .memory import MemoryMeter, cache_nbytes, is_oom, release_memory, saved_activation_bytes
-from .spec import BenchSpec, device_name
+from .spec import BenchSpec
 from .timing import attention_backend, sdpa_context, throughput, time_repeats
 
 
@@ -178,13 +179,11 @@ def _row_header(spec: BenchSpec, model_name: str, preset: str, seq_len: int, bat
 
 
 def _row_config(model_name: str, preset: str, seq_len: int, pattention_impl: str | None):
-    """The preset's config, its max_seq_len raised to seq_len when shorter, the Pattention implementation
-    overridden when asked."""
-    base = registry.get_config(model_name, preset)
-    overrides = {"max_seq_len": seq_len} if seq_len > base.max_seq_len else {}  # learned positions / rotary
-    if pattention_impl is not None:
-        overrides["pattention_impl"] = pattention_impl
-    return registry.get_config(model_name, preset, **overrides)
+    """The preset's config (its vocabulary) built for seq_len (learned positions / rotary: max_seq_len raised
+    when shorter), the Pattention implementation overridden when asked."""
+    overrides = {"pattention_impl": pattention_impl} if pattention_impl is not None else None
+    cfg, _ = resolve_model_config(model_name, preset, seq_len=seq_len, overrides=overrides)
+    return cfg
 
 
 def _first_line(exc: BaseException) -> str:

@@ -11,8 +11,9 @@ from typing import Any, Callable
 import torch
 
 from .. import store
+from ..runtime import device_name, environment
 from .phases import bench_row
-from .spec import BenchSpec, cell_impls, device_name, environment, make_spec
+from .spec import BenchSpec, cell_impls, make_spec
 from .timing import peak_flops
 
 

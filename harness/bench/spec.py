@@ -1,18 +1,19 @@
 """The bench request: defaults, validation of what was asked (models, presets, shapes, device, dtype, SDPA
-backend, Pattention implementations) into a :class:`BenchSpec`, and the device it runs on."""
+backend, Pattention implementations) into a :class:`BenchSpec`, and the device it runs on (resolved by
+harness.runtime) with the memory a model may use there."""
 from __future__ import annotations
 
 import dataclasses
 import os
-import platform
-import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from models import registry
 from models.pattention import IMPLS as PATTENTION_IMPLS
+
+from .. import runtime
+from ..model_config import resolve_model_config
 
 DEFAULT_MODELS = ("tokenformer", "transformer_pp", "mamba", "gpt2")
 DEFAULT_PRESETS = ("tiny",)
@@ -69,21 +70,17 @@ def cell_impls(spec: BenchSpec, name: str, preset: str) -> list[str | None]:
 
 
 # ==========================================================================================================
-# The device
+# The device (its name and the environment a record describes: harness.runtime)
 # ==========================================================================================================
 def resolve_device(spec: str | None) -> torch.device:
-    spec = spec or "auto"
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """harness.runtime's resolution, restricted to cpu and cuda; a device it refuses raises BenchError with the
+    bench's own one-line message."""
     try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise BenchError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(f"device {spec!r} asked for but CUDA is not available")
-    if device.type not in ("cpu", "cuda"):
-        raise BenchError(f"device {spec!r}: the bench runs on cpu or cuda")
-    return device
+        return runtime.resolve_device(spec, types=("cpu", "cuda"))
+    except runtime.DeviceError as e:
+        raise BenchError({"unknown": f"unknown device {e.spec!r}; use auto, cpu, cuda or cuda:N",
+                          "no_cuda": f"device {e.spec!r} asked for but CUDA is not available",
+                          "unsupported": f"device {e.spec!r}: the bench runs on cpu or cuda"}[e.kind]) from None
 
 
 def device_memory_bytes(device: torch.device) -> tuple[int, str]:
@@ -96,23 +93,6 @@ def device_memory_bytes(device: torch.device) -> tuple[int, str]:
     if free is not None:
         return free, "available RAM"
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    info = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        from models import ssm_ops
-        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version(), capability=list(torch.cuda.get_device_capability(device)))
-        info["mamba_kernels"] = ssm_ops.kernel_status()
-    return info
 
 
 # ==========================================================================================================
@@ -149,9 +129,8 @@ def _check_cpu_rows(cells, seq_lens, batch_sizes, dtype: str, memory: tuple[int,
     estimate) exceeds the memory available."""
     from ..preflight import memory_message, training_memory_bytes
     for name, p in cells:
-        base = registry.get_config(name, p)
         for seq in seq_lens:
-            cfg = registry.get_config(name, p, **({"max_seq_len": seq} if seq > base.max_seq_len else {}))
+            cfg, _ = resolve_model_config(name, p, seq_len=seq)
             for batch in batch_sizes:
                 why = memory_message(training_memory_bytes(cfg, seq, batch, 2 if dtype == "bf16" else 4), memory)
                 if why:

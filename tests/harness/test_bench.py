@@ -8,7 +8,7 @@ import torch
 from harness import bench, bench_report
 from harness.cli import main
 from models import registry
-from models.ops import dispatch as ssm_ops
+from models.ops import dispatch
 from models.mamba import MambaLM, SSMCache
 from models.transformer import Transformer
 
@@ -99,7 +99,7 @@ def test_decode_goes_through_the_cache_api(tmp_path, fast_peak, monkeypatch):
     assert tf["decode"]["3"]["tokens_per_s"] > 0 and mamba["decode"]["3"]["tokens_per_s"] > 0
     assert tf["attention_backend"] in ("sdpa-cpu(flash_attention_for_cpu)", "math")
     assert mamba["attention_backend"] is None
-    assert mamba["scan_backend"] == mamba["decode_scan_backend"] == ssm_ops.REFERENCE
+    assert mamba["scan_backend"] == mamba["decode_scan_backend"] == dispatch.REFERENCE
     # Mamba's cache: constant conv + fp32 SSM state; computed from its tensors
     model = MambaLM(registry.get_config("mamba", "tiny"))
     cache = model.allocate_cache(1, 16)
