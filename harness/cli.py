@@ -10,14 +10,12 @@ from pathlib import Path
 
 from models import registry
 
+from .numbers import human
 from .train.launch import RankFailure
 
 
-def _human(n: float, unit: str = "") -> str:
-    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{suffix}{unit}"
-    return f"{n:.0f}{unit}"
+def _human(n: float) -> str:
+    return human(n, precision=".2f")  # two decimals: the model table tells 151.88M from 151.9M
 
 
 def cmd_ladder(args) -> int:

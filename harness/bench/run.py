@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 
 from .. import store
+from ..numbers import human
 from ..runtime import device_name, environment
 from .phases import bench_row
 from .spec import BenchSpec, cell_impls, make_spec
@@ -28,14 +29,12 @@ class BenchResult:
 
 
 def _row_summary(row: dict[str, Any]) -> str:
-    def k(x):  # a log line's count, not harness.results.tables.human: 12,345 -> 12.3k, 5,000 stays 5,000
-        return "-" if x is None else (f"{x / 1e3:,.1f}k" if x >= 1e4 else f"{x:,.0f}")
-    dec = " ".join(f"b{b} {k(e.get('tokens_per_s'))}" for b, e in (row.get("decode") or {}).items())
+    dec = " ".join(f"b{b} {human(e.get('tokens_per_s'))}" for b, e in (row.get("decode") or {}).items())
     mfu = row.get("mfu")
     impl = f" [{row['pattention_impl']}]" if row.get("pattention_impl") else ""
     return (f"{row['model']}/{row['preset']}{impl} seq {row['seq_len']} batch {row['batch_size']}: "
-            f"train {k(row.get('train_tokens_per_s'))} tok/s, MFU {'-' if mfu is None else f'{100 * mfu:.2f}%'}, "
-            f"prefill {k(row.get('prefill_tokens_per_s'))} tok/s, decode {dec} tok/s"
+            f"train {human(row.get('train_tokens_per_s'))} tok/s, MFU {'-' if mfu is None else f'{100 * mfu:.2f}%'}, "
+            f"prefill {human(row.get('prefill_tokens_per_s'))} tok/s, decode {dec} tok/s"
             + ("" if row["status"] == "ok" else f" [{row['status']}: {'; '.join(row['errors'].values())}]"))
 
 

@@ -15,19 +15,10 @@ from typing import Any
 import pandas as pd
 
 from .. import stats
+from ..numbers import human
 from .load import Run, Store, no_better_than_start, start_loss
 
 REFERENCE_MODEL = "tokenformer"
-
-
-def human(value, unit: str = "") -> str:
-    """12300 -> 12.3k, 4.5e12 -> 4.5T: the one number formatter of the reports."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= div:
-            return f"{value / div:.3g}{suffix}{unit}"
-    return f"{value:.0f}{unit}"
 
 
 def _mean(values) -> float:
