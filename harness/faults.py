@@ -7,7 +7,9 @@ a CLI option. Each names a point in the commit protocol where a kill is most dan
                                                         is not in place yet; the first such save is skipped
                                                         when HARNESS_FAULT_SKIP=1, to hit a later one)
     HARNESS_FAULT_NAN=STEP     make every gradient NaN at training step STEP (a divergence)
-    HARNESS_FAULT_KILL=RANK:STEP   (harness.train.loop) that rank kills itself before STEP
+    HARNESS_FAULT_KILL=RANK:STEP   that rank of a training run SIGKILLs itself before training step STEP
+                               (a dead rank must end the job with a clear error and leave the last
+                               complete checkpoint usable)
 """
 from __future__ import annotations
 
@@ -28,3 +30,22 @@ def point(name: str) -> None:
 def nan_step() -> int | None:
     value = os.environ.get("HARNESS_FAULT_NAN")
     return int(value) if value else None
+
+
+def kill_before_step(rank: int, step: int) -> None:
+    """Called by the training loop before it trains ``step`` (1-based: the step its metrics will log)."""
+    spec = os.environ.get("HARNESS_FAULT_KILL")
+    if not spec:
+        return
+    kill_rank, kill_step = (int(v) for v in spec.split(":"))
+    if rank == kill_rank and step == kill_step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def nan_gradients(parameters, step: int) -> None:
+    """Called by the training loop after the backward passes of ``step`` (1-based), before clipping."""
+    at = nan_step()
+    if at is not None and step == at:
+        for p in parameters:
+            if p.grad is not None:
+                p.grad.fill_(float("nan"))

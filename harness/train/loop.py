@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,22 +22,19 @@ from models.pattention import scale_tokens_of
 
 from .. import data as data_lib
 from .. import faults
-from ..config import ConfigError, TrainConfig, identity_dict
+from ..config import ConfigError, TrainConfig
 from ..model_config import resolve_model_config
 from ..runtime import autocast, autocast_dtype, environment, peak_memory_bytes, resolve_device
 from . import distributed
-from .checkpoint import load_checkpoint, read_state, recover, save_checkpoint
+from .accounting import Accounting
+from .checkpoint import save_checkpoint
 from .distributed import DistInfo, all_reduce_sum
+from .resume import StartState, start_state
 from .validate import evaluate
 from .optim import build_optimizer, lr_at, no_decay_names
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
-# what a resume must not change: every field that changes the trained weights (not how often it logs,
-# checkpoints, or evaluates, where it runs, or how a global batch is split into micro-batches and ranks: a
-# checkpoint resumes on any world size)
-RESUME_FIELDS = ("model", "preset", "model_overrides", "data", "seq_len", "batch_size", "budget", "optim",
-                 "schedule", "seed", "precision")
 
 
 class Diverged(FloatingPointError):
@@ -50,19 +44,6 @@ class Diverged(FloatingPointError):
     def __init__(self, step: int, loss: float, grad_norm: float):
         super().__init__(f"diverged at step {step}: loss {loss}, gradient norm {grad_norm}")
         self.step, self.loss, self.grad_norm = step, loss, grad_norm
-
-
-def check_resume_config(saved: dict[str, Any], cfg: TrainConfig, where: Path) -> None:
-    """Refuse to continue a checkpoint under a config that trains differently (one line naming the field)."""
-    now, saved = identity_dict(cfg), identity_dict(saved)
-    for name in RESUME_FIELDS:
-        old, new = saved.get(name), json.loads(json.dumps(now.get(name), default=str))
-        if name == "data" and isinstance(old, dict) and isinstance(new, dict):
-            old, new = ({k: v for k, v in d.items() if k != "cache_dir"} for d in (old, new))  # where, not what
-        if name in saved and old != new:
-            raise ConfigError(f"{where}: holds a run with a different {name} ({old!r}, now {new!r}); resume it "
-                              f"with its own config, or start over (harness train --restart, harness run "
-                              f"--force), or use another --out")
 
 
 def build_model_config(cfg: TrainConfig, vocab_size: int):
@@ -97,7 +78,63 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: bool = True, max_steps_
             distributed.teardown(info)
 
 
-def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, device_spec, guard=None) -> dict[str, Any]:
+@dataclass
+class _Run:
+    """A run's pieces, built once by :func:`_build`: where it runs, its data, model and optimizer."""
+    cfg: TrainConfig
+    info: DistInfo
+    device: torch.device
+    amp_dtype: torch.dtype | None   # None: fp32 (or FSDP2, whose mixed-precision policy computes in bf16)
+    mode: str                       # none | ddp | fsdp
+    micro: int                      # rows per forward/backward
+    rows: int                       # this rank's share of every global batch
+    dataset: Any
+    batcher: Any
+    model_cfg: Any
+    seq_len: int
+    model: torch.nn.Module          # the registry model
+    wrapped: torch.nn.Module        # ... under DDP / FSDP2 (the model itself when not distributed)
+    optimizer: torch.optim.Optimizer
+    flops_per_token: float
+    forward: Callable | None = None  # wrapped, or torch.compile(wrapped); set once the starting point is scored
+
+    def train_step(self, step: int, lr: float, data_offset: int) -> tuple[float, float]:
+        """One optimizer step (0-based ``step``) at rate ``lr`` over the micro-batches of global batch
+        ``data_offset + step``: (training loss averaged over ranks, gradient norm before clipping). Raises
+        Diverged before the optimizer applies a non-finite loss or gradient norm."""
+        info, device, micro, rows = self.info, self.device, self.micro, self.rows
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x_all, y_all = self.batcher.get_batch(data_offset + step, info.rank, info.world_size)
+        loss_sum = 0.0
+        for i in range(0, rows, micro):
+            x, y = x_all[i:i + micro].to(device), y_all[i:i + micro].to(device)
+            with autocast(device, self.amp_dtype):
+                logits = self.forward(x)
+            # each micro-batch's share of this rank's mean; DDP / FSDP average the ranks' gradients
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) * (micro / rows)
+            loss.backward()
+            loss_sum += loss.item()
+        faults.nan_gradients(self.wrapped.parameters(), step + 1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), self.cfg.optim.grad_clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        if info.enabled:
+            loss_sum = all_reduce_sum([loss_sum], info, device)[0] / info.world_size
+        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+            raise Diverged(step + 1, loss_sum, grad_norm)  # before the step: no state of it is ever saved
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, grad_norm
+
+    def evaluate(self, full: bool) -> dict[str, Any]:
+        """Validation loss: the whole split when ``full``, else cfg.eval_batches batches spread over it."""
+        cfg = self.cfg
+        return evaluate(self.wrapped, self.dataset, self.seq_len, cfg.batch_size, self.micro, cfg.eval_batches,
+                        self.device, self.amp_dtype, self.info, full=full)
+
+
+def _build(cfg: TrainConfig, out_dir: Path, info: DistInfo, device_spec: str) -> _Run:
+    """Device, data, the model (seeded with cfg.seed), its DDP / FSDP2 wrapper and the optimizer."""
     device = resolve_device(device_spec, error=ConfigError)
     amp_dtype = autocast_dtype(cfg.precision, device)
     mode = distributed.resolve_mode(cfg.parallel, info)
@@ -105,10 +142,8 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
     if cfg.batch_size % (micro * info.world_size):
         raise ConfigError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {micro} x "
                           f"{info.world_size} ranks")
-    rows = cfg.batch_size // info.world_size  # this rank's share of every global batch
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-
     dataset = data_lib.prepare_dataset(cfg.data)
     model_cfg, seq_len = build_model_config(cfg, dataset.tokenizer.vocab_size)
     torch.manual_seed(cfg.seed)
@@ -121,166 +156,92 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
     if mode == "fsdp":
         amp_dtype = None  # FSDP2's mixed-precision policy already computes in bf16
     flops_per_token = model.flops_per_token(seq_len)
-    own_steps = total_steps(cfg, flops_per_token, seq_len)  # this run's budget, counted from run_start
     batcher = dataset.batcher(seq_len, cfg.batch_size, cfg.seed)
-    tokens_per_step = cfg.batch_size * seq_len
+    return _Run(cfg=cfg, info=info, device=device, amp_dtype=amp_dtype, mode=mode, micro=micro,
+                rows=cfg.batch_size // info.world_size, dataset=dataset, batcher=batcher, model_cfg=model_cfg,
+                seq_len=seq_len, model=model, wrapped=wrapped, optimizer=optimizer, flops_per_token=flops_per_token)
 
-    ckpt_dir = out_dir / CHECKPOINT_DIR
+
+def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, device_spec, guard=None) -> dict[str, Any]:
+    run = _build(cfg, out_dir, info, device_spec)
+    tokens_per_step = cfg.batch_size * run.seq_len
     metrics_path = out_dir / METRICS_FILE
-    # data_offset: batches are a pure function of (seed, data_offset + step); a run started from a grown
-    # checkpoint continues the data stream where its base stopped. flops_offset: training FLOPs spent before
-    # step 0 of this run (the base run of a growth chain), so records can count cumulative compute.
-    # run_start: the step this run started at (non-zero when a grown checkpoint continues its base's schedule);
-    # this run's tokens and FLOPs count from there
-    start_step, wall_before, data_offset, flops_offset, lineage, run_start = 0, 0.0, 0, 0.0, [], 0
-    resumed_state: dict[str, Any] = {}
-    init_dir = None
-    if resume and info.is_main:
-        recover(ckpt_dir)  # an interrupted save: put the newest complete checkpoint back in place
-    distributed.barrier(info)
-    if resume and ckpt_dir.exists():
-        init_dir = ckpt_dir
-        check_resume_config(read_state(ckpt_dir).get("config") or {}, cfg, ckpt_dir)
-    elif cfg.init_from:
-        init_dir = Path(cfg.init_from)
-    if init_dir is not None:
-        own = init_dir == ckpt_dir
-        state = load_checkpoint(init_dir, wrapped, optimizer if _has_optimizer_state(init_dir) else None,
-                                distributed=info.enabled, is_main=info.is_main, restore_rng=own)
-        start_step = state["step"]
-        data_offset = state.get("data_position", start_step) - start_step
-        lineage = state.get("growth", [])
-        if own:  # resuming this run
-            wall_before, flops_offset = state.get("wall_time", 0.0), state.get("flops_offset", 0.0)
-            run_start = state.get("run_start", 0)
-            resumed_state = state
-            if info.is_main:
-                _truncate_metrics(metrics_path, start_step)
-        else:  # a new run from another run's (e.g. grown) checkpoint: its compute counts as spent before
-            flops_offset = state.get("flops_offset", 0.0) + state.get("flops_spent", 0.0)
-            run_start = start_step
-            if info.is_main and metrics_path.exists():
-                metrics_path.unlink()
-    elif info.is_main and metrics_path.exists():
-        metrics_path.unlink()
-    distributed.barrier(info)
-    # the run ends own_steps after it started (a grown run under schedule=continue starts at its base's step);
-    # the LR schedule spans the run, or schedule.horizon_tokens from step 0 of the chain when set (Staged
+    start = start_state(cfg, resume, out_dir / CHECKPOINT_DIR, metrics_path, run.wrapped, run.optimizer, info)
+    # the run ends its budget's steps after it started (a grown run under schedule=continue starts at its base's
+    # step); the LR schedule spans the run, or schedule.horizon_tokens from step 0 of the chain when set (Staged
     # Training: one schedule through growth)
-    steps = run_start + own_steps
+    steps = start.run_start + total_steps(cfg, run.flops_per_token, run.seq_len)
     horizon = steps if cfg.schedule.horizon_tokens is None else max(1, math.ceil(cfg.schedule.horizon_tokens
                                                                                  / tokens_per_step))
+    init_eval = _score_start(run, start, metrics_path) if start.from_other_run else {}
+    run.forward = torch.compile(run.wrapped) if cfg.compile else run.wrapped
+    acct = Accounting(step=start.start_step, run_start=start.run_start, tokens_per_step=tokens_per_step,
+                      flops_per_token=run.flops_per_token, flops_offset=start.flops_offset)
+    end_step = steps if max_steps_this_run is None else min(steps, start.start_step + max_steps_this_run)
+    last_eval, train_loss = _train_steps(run, out_dir, start, acct, steps, end_step, horizon, init_eval, on_log,
+                                         guard)
+    # (already there, unless a checkpoint lies past the budget: the summary then reports the budget's end)
+    acct.step = end_step
+    if start.start_step >= steps and not last_eval:
+        # nothing left to train: the run finished before; its final measurements come from the checkpoint
+        last_eval, train_loss, init_eval = _final_measurements(run, start.resumed_state, train_loss, init_eval)
+    return _summary(run, start, acct, steps, init_eval, last_eval, train_loss)
 
-    init_eval: dict[str, Any] = {}
-    if init_dir is not None and init_dir != ckpt_dir:
-        # the starting point's validation loss (e.g. just after growth: the function-preservation gap)
-        init_eval = evaluate(wrapped, dataset, seq_len, cfg.batch_size, micro, cfg.eval_batches, device, amp_dtype, info,
-                             full=True)
-        if info.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": start_step, "tokens": 0, "flops": 0.0, "cumulative_flops": flops_offset,
-                                    **init_eval}) + "\n")
 
-    step_fn = torch.compile(wrapped) if cfg.compile else wrapped
+def _score_start(run: _Run, start: StartState, metrics_path: Path) -> dict[str, Any]:
+    """The validation loss of another run's checkpoint this run starts from (e.g. just after growth: the
+    function-preservation gap), logged as the first metrics line."""
+    init_eval = run.evaluate(full=True)
+    if run.info.is_main:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps({"step": start.start_step, "tokens": 0, "flops": 0.0,
+                                "cumulative_flops": start.flops_offset, **init_eval}) + "\n")
+    return init_eval
+
+
+def _train_steps(run: _Run, out_dir: Path, start: StartState, acct: Accounting, steps: int, end_step: int,
+                 horizon: int, init_eval: dict[str, Any], on_log, guard) -> tuple[dict[str, Any], float]:
+    """Train from acct.step to ``end_step`` of ``steps``: each step, then its hooks (log, evaluate, write the
+    record, progress bar, checkpoint). Returns (the last evaluation, the last step's training loss)."""
+    cfg, info = run.cfg, run.info
     writer = _tensorboard(out_dir) if cfg.tensorboard and info.is_main else None
-    summary: dict[str, Any] = {"params": model.num_params(), "non_embedding_params": model.num_params(True),
-                               "flops_per_token": flops_per_token, "seq_len": seq_len, "total_steps": steps,
-                               "tokens_per_step": tokens_per_step, "device": str(device),
-                               "precision": "bfloat16" if (amp_dtype or mode == "fsdp" and device.type == "cuda") else "float32",
-                               "world_size": info.world_size, "parallel": mode, "model_config": model_cfg.to_dict()}
+    bar = _progress(cfg.progress and info.is_main, acct.step, steps, f"{cfg.model}/{cfg.preset}")
     last_eval: dict[str, Any] = {}
-    window_loss, window_n, window_t0, window_tokens = 0.0, 0, time.perf_counter(), 0
-    run_t0 = time.perf_counter()
-    end_step = steps if max_steps_this_run is None else min(steps, start_step + max_steps_this_run)
-    bar = _progress(cfg.progress and info.is_main, start_step, steps, f"{cfg.model}/{cfg.preset}")
     train_loss, bar_rate = float("nan"), "-"
-    fault = _fault_injection(info)
-    nan_at = faults.nan_step()
-    metrics = open(metrics_path, "a") if info.is_main else None
+    metrics = open(out_dir / METRICS_FILE, "a") if info.is_main else None
     try:
-        for step in range(start_step, end_step):
-            if fault is not None and step + 1 == fault:
-                os.kill(os.getpid(), signal.SIGKILL)
+        for step in range(acct.step, end_step):
+            faults.kill_before_step(info.rank, step + 1)
             lr = lr_at(step, horizon, cfg.optim.lr, cfg.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x_all, y_all = batcher.get_batch(data_offset + step, info.rank, info.world_size)
-            loss_sum = 0.0
-            for i in range(0, rows, micro):
-                x, y = x_all[i:i + micro].to(device), y_all[i:i + micro].to(device)
-                with autocast(device, amp_dtype):
-                    logits = step_fn(x)
-                # each micro-batch's share of this rank's mean; DDP / FSDP average the ranks' gradients
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) * (micro / rows)
-                loss.backward()
-                loss_sum += loss.item()
-            if nan_at is not None and step + 1 == nan_at:
-                for p in wrapped.parameters():
-                    if p.grad is not None:
-                        p.grad.fill_(float("nan"))
-            grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.optim.grad_clip)
-            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-            if info.enabled:
-                loss_sum = all_reduce_sum([loss_sum], info, device)[0] / info.world_size
-            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-                raise Diverged(step + 1, loss_sum, grad_norm)  # before the step: no state of it is ever saved
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            train_loss = loss_sum
-            window_loss, window_n, window_tokens = window_loss + loss_sum, window_n + 1, window_tokens + tokens_per_step
-            done = step + 1
+            train_loss, grad_norm = run.train_step(step, lr, start.data_offset)
+            acct.advance(train_loss)
+            final = acct.step == steps
             record = None
-            if done % cfg.log_every == 0 or done == steps:
-                elapsed = time.perf_counter() - window_t0
-                spent = (done - run_start) * tokens_per_step
-                record = {"step": done, "tokens": spent, "flops": spent * flops_per_token,
-                          "cumulative_flops": flops_offset + spent * flops_per_token,
-                          "loss": window_loss / window_n, "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
-                window_loss, window_n, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
-            if done % cfg.eval_every == 0 or done == steps:
+            if acct.step % cfg.log_every == 0 or final:
+                window = acct.close_window()
+                record = {**acct.counts(), "loss": window["loss"], "lr": lr, "grad_norm": grad_norm,
+                          "tokens_per_s": window["tokens_per_s"]}
+            if acct.step % cfg.eval_every == 0 or final:
                 # the final evaluation scores the whole validation split; intermediate ones may subsample
-                last_eval = evaluate(wrapped, dataset, seq_len, cfg.batch_size, micro, cfg.eval_batches, device,
-                                     amp_dtype, info, full=done == steps)
-                spent = (done - run_start) * tokens_per_step
-                record = record or {"step": done, "tokens": spent, "flops": spent * flops_per_token,
-                                    "cumulative_flops": flops_offset + spent * flops_per_token}
-                record.update(last_eval)
+                last_eval = run.evaluate(full=final)
+                record = {**(record or acct.counts()), **last_eval}
             if record is not None and metrics is not None:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                if writer is not None:
-                    for k, v in record.items():
-                        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                            writer.add_scalar(k, v, done)
-                if on_log:
-                    on_log(record)
+                _write_record(record, metrics, writer, on_log)
             if bar is not None:
                 if record and "tokens_per_s" in record:
                     bar_rate = f"{record['tokens_per_s']:.0f}"
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=bar_rate, refresh=False)
-            if done % cfg.checkpoint_every == 0 or done == steps:
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=bar_rate, refresh=False)
+            if acct.step % cfg.checkpoint_every == 0 or final:
                 if guard is not None:
                     guard()
-                save_checkpoint(ckpt_dir, wrapped, optimizer, {
-                    "step": done, "data_position": data_offset + done, "flops_offset": flops_offset,
-                    "flops_spent": (done - run_start) * tokens_per_step * flops_per_token, "run_start": run_start,
-                    "growth": lineage,
-                    "pattention_scale_tokens": scale_tokens_of(model),
-                    "wall_time": wall_before + time.perf_counter() - run_t0,
-                    "world_size": info.world_size, "config": asdict(cfg), "model_name": cfg.model,
-                    "model_config": model_cfg.to_dict(),
-                    # the final checkpoint carries the final measurements, so a record can always be rebuilt
-                    # from it (a kill after this save and before the record is written loses nothing)
-                    **({"final_eval": last_eval, "final_train_loss": train_loss,
-                        "final_tokens_per_s": (done - start_step) * tokens_per_step
-                        / max(time.perf_counter() - run_t0, 1e-9) if done > start_step else None,
-                        "final_peak_memory_bytes": peak_memory_bytes(device),
-                        "init_val_loss": init_eval.get("val_loss")} if done == steps else {})},
-                    is_main=info.is_main)
-                distributed.barrier(info)
-                if done == steps:
+                # the final checkpoint carries the final measurements, so a record can always be rebuilt from
+                # it (a kill after this save and before the record is written loses nothing)
+                _save(run, out_dir / CHECKPOINT_DIR, acct, start, {
+                    "final_eval": last_eval, "final_train_loss": train_loss, "final_tokens_per_s": acct.tokens_per_s(),
+                    "final_peak_memory_bytes": peak_memory_bytes(run.device),
+                    "init_val_loss": init_eval.get("val_loss")} if final else {})
+                if final:
                     faults.point("after_final_checkpoint")
     finally:
         if metrics is not None:
@@ -289,65 +250,73 @@ def _train(cfg, out_dir, resume, max_steps_this_run, on_log, info: DistInfo, dev
             bar.close()
         if writer is not None:
             writer.close()
-    done = end_step
-    if start_step >= steps and not last_eval:
-        # nothing left to train: the run finished before; its final measurements come from the checkpoint
-        last_eval = dict(resumed_state.get("final_eval") or {})
-        train_loss = resumed_state.get("final_train_loss", train_loss)
-        if resumed_state.get("init_val_loss") is not None:
-            init_eval = {"val_loss": resumed_state["init_val_loss"]}
-        if not last_eval:  # a checkpoint written before final measurements were kept: measure again
-            last_eval = evaluate(wrapped, dataset, seq_len, cfg.batch_size, micro, cfg.eval_batches, device,
-                                 amp_dtype, info, full=True)
-    wall = wall_before + time.perf_counter() - run_t0
-    spent = (done - run_start) * tokens_per_step
-    summary.update({"steps": done, "tokens": spent, "flops": spent * flops_per_token,
-                    "flops_offset": flops_offset, "cumulative_flops": flops_offset + spent * flops_per_token,
-                    "data_offset": data_offset, "growth": lineage, "init_from": cfg.init_from,
-                    **({"init_val_loss": init_eval["val_loss"]} if init_eval else {}),
-                    "wall_time_s": wall, "tokens_per_s": (done - start_step) * tokens_per_step / max(time.perf_counter() - run_t0, 1e-9),
-                    "peak_memory_bytes": peak_memory_bytes(device), "final_train_loss": train_loss,
-                    "complete": done >= steps, "resumed_from_step": start_step or None,
-                    "dataset": dataset.meta_summary(), "environment": environment()})
-    summary.update({k: v for k, v in last_eval.items()})
-    if start_step >= steps and resumed_state.get("final_tokens_per_s"):
+    return last_eval, train_loss
+
+
+def _summary(run: _Run, start: StartState, acct: Accounting, steps: int, init_eval: dict[str, Any],
+             last_eval: dict[str, Any], train_loss: float) -> dict[str, Any]:
+    """What train() returns: the model, what was spent and reached, where and how it ran."""
+    cfg, info, device = run.cfg, run.info, run.device
+    summary: dict[str, Any] = {
+        "params": run.model.num_params(), "non_embedding_params": run.model.num_params(True),
+        "flops_per_token": run.flops_per_token, "seq_len": run.seq_len, "total_steps": steps,
+        "tokens_per_step": acct.tokens_per_step, "device": str(device),
+        "precision": "bfloat16" if (run.amp_dtype or run.mode == "fsdp" and device.type == "cuda") else "float32",
+        "world_size": info.world_size, "parallel": run.mode, "model_config": run.model_cfg.to_dict(),
+        "steps": acct.step, "tokens": acct.tokens, "flops": acct.flops,
+        "flops_offset": acct.flops_offset, "cumulative_flops": acct.cumulative_flops,
+        "data_offset": start.data_offset, "growth": start.lineage, "init_from": cfg.init_from,
+        **({"init_val_loss": init_eval["val_loss"]} if init_eval else {}),
+        "wall_time_s": start.wall_before + acct.elapsed(), "tokens_per_s": acct.tokens_per_s(),
+        "peak_memory_bytes": peak_memory_bytes(device), "final_train_loss": train_loss,
+        "complete": acct.step >= steps, "resumed_from_step": start.start_step or None,
+        "dataset": run.dataset.meta_summary(), "environment": environment(), **last_eval}
+    resumed = start.resumed_state
+    if start.start_step >= steps and resumed.get("final_tokens_per_s"):
         # a record rebuilt from the final checkpoint reports the run's own throughput and memory, not this
         # (training-free) process's
-        summary["tokens_per_s"] = resumed_state["final_tokens_per_s"]
-        summary["peak_memory_bytes"] = resumed_state.get("final_peak_memory_bytes", summary["peak_memory_bytes"])
+        summary["tokens_per_s"] = resumed["final_tokens_per_s"]
+        summary["peak_memory_bytes"] = resumed.get("final_peak_memory_bytes", summary["peak_memory_bytes"])
     return summary
 
 
-def _has_optimizer_state(path: Path) -> bool:
-    """A grown checkpoint with a fresh optimizer holds no optimizer state: the new AdamW starts empty."""
-    state = read_state(path)
-    return bool(state.get("optimizer", {}).get("state"))
+def _write_record(record: dict[str, Any], metrics, writer, on_log) -> None:
+    """One metrics line (flushed), its scalars to TensorBoard, and the caller's on_log."""
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+    if writer is not None:
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                writer.add_scalar(k, v, record["step"])
+    if on_log:
+        on_log(record)
 
 
-def _fault_injection(info: DistInfo) -> int | None:
-    """HARNESS_FAULT_KILL=RANK:STEP makes that rank SIGKILL itself before STEP: how the tests show that a
-    dead rank ends the job with a clear error and leaves the last complete checkpoint usable."""
-    spec = os.environ.get("HARNESS_FAULT_KILL")
-    if not spec:
-        return None
-    rank, step = (int(v) for v in spec.split(":"))
-    return step if rank == info.rank else None
+def _save(run: _Run, ckpt_dir: Path, acct: Accounting, start: StartState, final: dict[str, Any]) -> None:
+    """The checkpoint at the current step (every rank calls it; rank 0 writes), then a barrier. ``final``: the
+    final measurements the last checkpoint carries."""
+    cfg, info = run.cfg, run.info
+    save_checkpoint(ckpt_dir, run.wrapped, run.optimizer, {
+        "step": acct.step, "data_position": start.data_offset + acct.step, "flops_offset": acct.flops_offset,
+        "flops_spent": acct.flops, "run_start": acct.run_start, "growth": start.lineage,
+        "pattention_scale_tokens": scale_tokens_of(run.model),
+        "wall_time": start.wall_before + acct.elapsed(),
+        "world_size": info.world_size, "config": asdict(cfg), "model_name": cfg.model,
+        "model_config": run.model_cfg.to_dict(), **final},
+        is_main=info.is_main)
+    distributed.barrier(info)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
-    if not path.exists():
-        return
-    kept, lines = [], path.read_text().splitlines()
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue  # a line torn by a kill mid-write: it is logged again from the checkpoint
-    if len(kept) != len(lines):
-        from ..store import write_text_atomic
-        write_text_atomic(path, "".join(l + "\n" for l in kept))  # a kill here leaves the old log whole
+def _final_measurements(run: _Run, state: dict[str, Any], train_loss: float, init_eval: dict[str, Any]):
+    """(final eval, final train loss, init eval) of a run that finished before, from its final checkpoint's
+    ``state``; a checkpoint written before final measurements were kept is evaluated again."""
+    last_eval = dict(state.get("final_eval") or {})
+    train_loss = state.get("final_train_loss", train_loss)
+    if state.get("init_val_loss") is not None:
+        init_eval = {"val_loss": state["init_val_loss"]}
+    if not last_eval:
+        last_eval = run.evaluate(full=True)
+    return last_eval, train_loss, init_eval
 
 
 def _progress(enabled: bool, start: int, total: int, desc: str):
