@@ -192,6 +192,29 @@ def load_matrix(spec: str | None = None, overrides: dict[str, Any] | None = None
 
 
 def expand(raw: dict[str, Any], source: str = "<dict>", overrides: dict[str, Any] | None = None) -> Matrix:
+    """The matrix ``raw`` (a matrix file's mapping; ``overrides`` deep-merge over its defaults) describes, every
+    cell resolved and validated: the matrix's own settings (:func:`_parse`), then, in file order, each model
+    entry (:func:`_entry`) and its cells (:func:`_entry_cells`), then a frontier's rungs and the checks across
+    cells. The first error raises, naming the file and the entry."""
+    matrix, models = _parse(raw, source, overrides)
+    for mi, item in enumerate(models):
+        entry = _entry(mi, item, matrix)
+        matrix.entries.append(entry)
+        for cell in _entry_cells(matrix, entry):
+            matrix.add_cell(cell)
+    if matrix.frontier is not None:
+        _frontier.check_entries(matrix)
+        _frontier.expand_prior(matrix)  # a frontier entry's cells: its ladder's rungs
+    if matrix.sweep is not None and matrix.sweep.budgets is not None:
+        _check_fit_budgets(matrix)
+    iso_params = [c for c in matrix.cells if c.matching == "iso_params"]
+    if iso_params:
+        _check_iso_params(iso_params, source)
+    return matrix
+
+
+def _parse(raw: dict[str, Any], source: str, overrides: dict[str, Any] | None) -> tuple[Matrix, list[Any]]:
+    """The matrix's own settings, validated, as a Matrix with no entries or cells yet; and its models list."""
     unknown = sorted(set(raw) - set(TOP_LEVEL))
     if unknown:
         raise ConfigError(f"{source}: unknown key {unknown[0]} (valid: {', '.join(TOP_LEVEL)})")
@@ -227,30 +250,27 @@ def expand(raw: dict[str, Any], source: str = "<dict>", overrides: dict[str, Any
     if compare_frontier is not None and not (isinstance(compare_frontier, str)
                                              and re.fullmatch(r"[A-Za-z0-9_.-]+", compare_frontier)):
         raise ConfigError(f"{source}: compare_frontier must name a frontier matrix, got {compare_frontier!r}")
-    matrix = Matrix(name, str(raw.get("description", "")), [], source, matching, waterfall, [], defaults, budgets,
-                    sweep, frontier, seeds, compare_frontier)
-    for mi, item in enumerate(models):
-        entry = _entry(mi, item, matrix)
-        matrix.entries.append(entry)
-        if entry.frontier:
-            continue  # its cells are its ladder's rungs (below)
-        if entry.tuned:
-            for bi in sweep.swept(len(budgets)):
-                for lr in sweep.grid:
-                    for seed in sweep.seeds:
-                        matrix.add_cell(matrix.make_cell(entry, "sweep", bi, seed, lr))
-        for bi in range(1 if entry.own_budget else len(budgets)):
-            for seed in seeds:
-                matrix.add_cell(matrix.make_cell(entry, "main", bi, seed))
-    if frontier is not None:
-        _frontier.check_entries(matrix)
-        _frontier.expand_prior(matrix)
-    if sweep is not None and sweep.budgets is not None:
-        _check_fit_budgets(matrix)
-    iso_params = [c for c in matrix.cells if c.matching == "iso_params"]
-    if iso_params:
-        _check_iso_params(iso_params, source)
-    return matrix
+    matrix = Matrix(name=name, description=str(raw.get("description", "")), cells=[], source=source,
+                    matching=matching, waterfall=waterfall, entries=[], defaults=defaults, budgets=budgets,
+                    sweep=sweep, frontier=frontier, seeds=seeds, compare_frontier=compare_frontier)
+    return matrix, models
+
+
+def _entry_cells(matrix: Matrix, entry: Entry):
+    """The cells of one (non-frontier) entry, in order: its LR-sweep cells (swept budgets x grid rates x sweep
+    seeds) when it is tuned, then its main cells (budgets -- one for an entry with its own budget -- x seeds).
+    Lazily, so each is resolved just before it is added."""
+    if entry.frontier:
+        return  # its cells are its ladder's rungs (frontier.expand_prior)
+    if entry.tuned:
+        sweep = matrix.sweep
+        for bi in sweep.swept(len(matrix.budgets)):
+            for lr in sweep.grid:
+                for seed in sweep.seeds:
+                    yield matrix.make_cell(entry, "sweep", bi, seed, lr)
+    for bi in range(1 if entry.own_budget else len(matrix.budgets)):
+        for seed in matrix.seeds:
+            yield matrix.make_cell(entry, "main", bi, seed)
 
 
 def _entry(mi: int, item: Any, matrix: Matrix) -> Entry:
@@ -314,7 +334,8 @@ def _entry(mi: int, item: Any, matrix: Matrix) -> Entry:
     # a grown stage that restarts its schedule is tuned like any run (its sweep grows from the first seed's base)
     tuned = (matrix.sweep is not None and "lr" not in (settings.get("optim") or {}) and lr_from is None
              and (grow is None or grow["schedule"] == "restart"))
-    return Entry(mi, label, settings, entry_matching, compare_to, grow, reference, "budget" in settings, tuned,
+    return Entry(index=mi, label=label, settings=settings, matching=entry_matching, compare_to=compare_to,
+                 grow=grow, reference=reference, own_budget="budget" in settings, tuned=tuned,
                  frontier=matrix.frontier is not None, lr_from=lr_from, flops_of=flops_of)
 
 
