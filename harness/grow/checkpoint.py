@@ -114,10 +114,42 @@ def grow_checkpoint(src_dir: str | Path, dst_dir: str | Path, *, method: str, to
     optimizer: fresh | carry | staged (staged: width only). schedule: restart (step 0) | continue.
     Returns the growth event (also appended to state.json["growth"]), with ``gap``: growth_gap of the old and
     the grown model on ``measure_batch`` (default: a fixed batch of random tokens)."""
-    from harness.config import OptimConfig, from_dict
-    from harness.train.checkpoint import load_model_from_checkpoint, save_checkpoint
-    from harness.train.optim import build_optimizer
+    from harness.train.checkpoint import load_model_from_checkpoint
 
+    _check_options(method, init, optimizer, schedule, noise)
+    src, dst = resolve_checkpoint_dir(src_dir), Path(dst_dir)
+    _check_destination(Path(src_dir), src, dst)
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise GrowthError(f"{dst}: already exists (choose another --out, or overwrite)")
+    old, state = load_model_from_checkpoint(src)
+    target, preset, overrides = target_config(state, to, to_preset)
+    growth = grow_model(old, target, method, init=init, seed=seed, noise=noise, zero_values=zero_values,
+                        name=state["model_name"])
+    opt = _grown_optimizer(growth, state["config"], src, optimizer)
+    run = dict(state["config"])
+    seq = run.get("seq_len") or state["model_config"]["max_seq_len"]
+    if measure_batch is None:
+        measure_batch = random_batch(state["model_config"]["vocab_size"], min(64, seq))
+    gap = growth_gap(old, growth.model, measure_batch)
+
+    keep = {k: v for k, v in (run.get("model_overrides") or {}).items() if k in FOLLOW_SOURCE}
+    train_config = {**run, "preset": preset, "model_overrides": {**keep, **overrides}, "init_from": str(dst)}
+    step = int(state.get("step", 0)) if schedule == "continue" else 0
+    event = _growth_event(state, src, old, growth, target, train_config, step, gap, method=method, init=init,
+                          optimizer=optimizer, schedule=schedule, seed=seed, noise=noise)
+    new_state = {
+        "step": step, "data_position": state.get("data_position", int(state.get("step", 0))),
+        "flops_offset": state.get("flops_offset", 0.0), "flops_spent": _flops_spent(state, old, seq),
+        "run_start": step, "growth": list(state.get("growth") or []) + [event],
+        "pattention_scale_tokens": scale_tokens_of(growth.model),
+        "wall_time": 0.0, "world_size": state.get("world_size", 1), "config": train_config,
+        "model_name": state["model_name"], "model_config": target.to_dict(),
+    }
+    _write_grown(src, dst, growth.model, opt, optimizer != "fresh", new_state)
+    return event
+
+
+def _check_options(method: str, init: str | None, optimizer: str, schedule: str, noise: float) -> None:
     if optimizer not in OPTIMIZERS:
         raise GrowthError(f"optimizer={optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if schedule not in SCHEDULES:
@@ -129,19 +161,16 @@ def grow_checkpoint(src_dir: str | Path, dst_dir: str | Path, *, method: str, to
                           "fresh or carry")
     if not (noise >= 0 and math.isfinite(noise)):
         raise GrowthError(f"noise: must be >= 0, got {noise}")
-    src, dst = resolve_checkpoint_dir(src_dir), Path(dst_dir)
-    _check_destination(Path(src_dir), src, dst)
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise GrowthError(f"{dst}: already exists (choose another --out, or overwrite)")
-    old, state = load_model_from_checkpoint(src)
-    name = state["model_name"]
-    target, preset, overrides = target_config(state, to, to_preset)
-    growth = grow_model(old, target, method, init=init, seed=seed, noise=noise, zero_values=zero_values, name=name)
-    new = growth.model
 
-    run = dict(state["config"])
-    optim_cfg = from_dict(OptimConfig, run.get("optim") or {})
-    opt = build_optimizer(new, optim_cfg, torch.device("cpu"))
+
+def _grown_optimizer(growth: Growth, run: dict[str, Any], src: Path, optimizer: str) -> torch.optim.Optimizer:
+    """The source run's AdamW over the grown model: empty (fresh), or holding the source's moments moved onto
+    the grown parameters (carry / staged)."""
+    from harness.config import OptimConfig, from_dict
+    from harness.train.optim import build_optimizer
+
+    new = growth.model
+    opt = build_optimizer(new, from_dict(OptimConfig, run.get("optim") or {}), torch.device("cpu"))
     if optimizer != "fresh":
         old_state = read_optimizer_state(src)
         if not old_state:
@@ -149,20 +178,25 @@ def grow_checkpoint(src_dir: str | Path, dst_dir: str | Path, *, method: str, to
         moved = transfer_optimizer_state(new, growth.plans, old_state, optimizer)
         for pname, p in new.named_parameters():
             opt.state[p] = moved[pname]
+    return opt
 
-    seq = run.get("seq_len") or state["model_config"]["max_seq_len"]
-    if measure_batch is None:
-        measure_batch = random_batch(state["model_config"]["vocab_size"], min(64, seq))
-    gap = growth_gap(old, new, measure_batch)
 
-    src_step = int(state.get("step", 0))
-    step = src_step if schedule == "continue" else 0
+def _flops_spent(state: dict[str, Any], old: torch.nn.Module, seq: int) -> float:
+    """The source run's training FLOPs (recomputed for checkpoints from before the loop recorded them)."""
     flops_spent = state.get("flops_spent")
-    if flops_spent is None:  # checkpoints from before the loop recorded it
-        flops_spent = src_step * run.get("batch_size", 0) * seq * old.flops_per_token(seq)
-    keep = {k: v for k, v in (run.get("model_overrides") or {}).items() if k in FOLLOW_SOURCE}
-    train_config = {**run, "preset": preset, "model_overrides": {**keep, **overrides}, "init_from": str(dst)}
-    event = {
+    if flops_spent is None:
+        src_step = int(state.get("step", 0))
+        flops_spent = src_step * state["config"].get("batch_size", 0) * seq * old.flops_per_token(seq)
+    return flops_spent
+
+
+def _growth_event(state: dict[str, Any], src: Path, old: torch.nn.Module, growth: Growth, target,
+                  train_config: dict[str, Any], step: int, gap, *, method: str, init: str | None, optimizer: str,
+                  schedule: str, seed: int, noise: float) -> dict[str, Any]:
+    """The growth event: what grew into what, how, from where, and the function-preservation gap."""
+    new, run, name = growth.model, state["config"], state["model_name"]
+    preset, src_step = train_config["preset"], int(state.get("step", 0))
+    return {
         "method": method, "init": (init or "random") if method == "tokens" else None, "optimizer": optimizer,
         "schedule": schedule, "seed": seed, **({"noise": noise} if method == "width" else {}),
         "model": name,
@@ -179,20 +213,19 @@ def grow_checkpoint(src_dir: str | Path, dst_dir: str | Path, *, method: str, to
         "step": step, "source_wall_time": state.get("wall_time"), "gap": gap,
         "train_config": {"model": name, "preset": preset, "model_overrides": train_config["model_overrides"]},
     }
-    new_state = {
-        "step": step, "data_position": state.get("data_position", src_step),
-        "flops_offset": state.get("flops_offset", 0.0), "flops_spent": flops_spent, "run_start": step,
-        "growth": list(state.get("growth") or []) + [event],
-        "pattention_scale_tokens": scale_tokens_of(new),
-        "wall_time": 0.0, "world_size": state.get("world_size", 1), "config": train_config,
-        "model_name": name, "model_config": target.to_dict(),
-    }
+
+
+def _write_grown(src: Path, dst: Path, new: torch.nn.Module, opt: torch.optim.Optimizer, with_state: bool,
+                 new_state: dict[str, Any]) -> None:
+    """Write the grown checkpoint as save_checkpoint does, into a staging sibling that then replaces ``dst``:
+    the optimizer's param groups keyed by name (its state only ``with_state``) and the source run's RNG."""
+    from harness.train.checkpoint import save_checkpoint
 
     staging = dst.with_name(dst.name + ".growing")
     shutil.rmtree(staging, ignore_errors=True)
-    save_checkpoint(staging, new, opt if optimizer != "fresh" else None, new_state)
+    save_checkpoint(staging, new, opt if with_state else None, new_state)
     written = json.loads((staging / "state.json").read_text())
-    if optimizer == "fresh":  # no state (the loop starts a new AdamW), but the groups, keyed by name
+    if not with_state:  # no state (the loop starts a new AdamW), but the groups, keyed by name
         names = {id(p): n for n, p in new.named_parameters()}
         written["optimizer"] = {"state": {}, "param_groups": [
             {**{k: json_safe(v) for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
@@ -201,7 +234,6 @@ def grow_checkpoint(src_dir: str | Path, dst_dir: str | Path, *, method: str, to
     written["rng"] = json.loads((src / "state.json").read_text())["rng"]
     (staging / "state.json").write_text(json.dumps(written, indent=1))
     replace_dir(staging, dst)
-    return event
 
 
 def summary_line(event: dict[str, Any]) -> dict[str, Any]:
