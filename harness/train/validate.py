@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..runtime import autocast  # noqa: F401 - also imported from here by harness.bench
+from ..runtime import autocast
 from .distributed import DistInfo, all_reduce_sum
 
 
