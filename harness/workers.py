@@ -48,8 +48,8 @@ def run_worker(matrix, root: Path, nproc: int = 1, only: list[str] | None = None
 # ---------------------------------------------------------------------------------------------- status
 
 def _checkpoint_step(directory: Path) -> int | None:
-    from .train.checkpoint import _step  # the newest complete save, also one an interrupted save left aside
-    steps = [_step(directory / name) for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old")]
+    from .train.checkpoint import complete_step  # the newest complete save, also one an interrupted save left aside
+    steps = [complete_step(directory / name) for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old")]
     return max((s for s in steps if s is not None), default=None)
 
 

@@ -227,8 +227,8 @@ def _epochs(r: Run) -> float | None:
 
 
 def _plt():
-    from .plots import _plt as plt_
-    return plt_()
+    from .plots import pyplot  # lazily: matplotlib only when a plot is drawn
+    return pyplot()
 
 
 def fit_plot(result: dict[str, Any], path: Path) -> None:

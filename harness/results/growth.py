@@ -27,7 +27,7 @@ import pandas as pd
 
 from .. import stats
 from .load import Run, Store, load
-from .tables import Row, _mean, compare_family, human, stat_columns
+from .tables import Row, finite_mean, compare_family, human, stat_columns
 
 BOOTSTRAP = 10_000
 
@@ -190,7 +190,7 @@ def section(store: Store, matrix: str) -> tuple[list[str], list[Row]]:
     for key, arms_info in _tables(plan):
         info, entries = arms_info
         first = by_label[info["arms"][0]][0]
-        total = _mean([r.cumulative_flops for lab in info["arms"] for r in by_label[lab]])
+        total = finite_mean([r.cumulative_flops for lab in info["arms"] for r in by_label[lab]])
         shape = ", ".join(f"{k} {v}" for k, v in json.loads(key)[2].items())
         fit = fits["fits"].get(first.model) if fits else None  # the frontier's entries are architectures
         head = ""
@@ -220,15 +220,15 @@ def section(store: Store, matrix: str) -> tuple[list[str], list[Row]]:
                    "Δ vs scratch [95% CI]": s_cols["Δ loss [95% CI]"], "p Holm (scratch)": s_cols["p Holm"],
                    "Δ vs no growth [95% CI]": n_cols["Δ loss [95% CI]"] if n_cols else "-",
                    "p Holm (no growth)": n_cols["p Holm"] if n_cols else "-",
-                   "FLOPs to target": (human(_mean(reached)) if reached else "not reached")
+                   "FLOPs to target": (human(finite_mean(reached)) if reached else "not reached")
                    + (f" ({len(reached)}/{len(mine)})" if mine and len(reached) < len(mine) else ""),
                    "saving vs scratch [95% CI]": ("-" if lab in info["scratch"] or not math.isfinite(sm) else
                                                   f"{sm:+.1%}" + (f" [{slo:+.1%}, {shi:+.1%}]"
                                                                   if math.isfinite(slo) else ""))}
             if fits:  # at the row's own compute, which can differ from the table's by a step's rounding
-                c = _mean([r.cumulative_flops for r in items])
+                c = finite_mean([r.cumulative_flops for r in items])
                 out["Δ vs frontier"] = f"{loss_m - float(loss_at(fit, c)):+.4f}" if fit else "no fit"
-            out["growth gap"] = (f"{_mean(gaps):.3g}" + (f"; {_mean(before):.3f} → {_mean(after):.3f}"
+            out["growth gap"] = (f"{finite_mean(gaps):.3g}" + (f"; {finite_mean(before):.3f} → {finite_mean(after):.3f}"
                                                         if before and after else "")) if gaps else "-"
             table.append(out)
         lines += [pd.DataFrame(table).to_markdown(index=False), ""]

@@ -24,7 +24,7 @@ GROWTH_PLOT = "growth_loss_vs_cumulative_flops.png"
 SWEEP_PLOT = "lr_sweeps.png"
 
 
-def _plt():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -42,7 +42,7 @@ def loss_vs_flops(store: Store, path: Path) -> list[str]:
     curves = curves[curves["phase"] == "main"].dropna(subset=["val_loss"])
     if curves.empty:
         return []
-    plt, sns = _plt()
+    plt, sns = pyplot()
     fig, ax = plt.subplots(figsize=(10, 5))
     style = "budget" if curves["budget"].nunique() > 1 else None
     # markers: a short run has one or two validation points, which a bare line would not show
@@ -61,7 +61,7 @@ def loss_vs_flops(store: Store, path: Path) -> list[str]:
 
 def frontier(df: pd.DataFrame, path: Path) -> None:
     """Mean final validation loss per budget per entry label against training FLOPs."""
-    plt, sns = _plt()
+    plt, sns = pyplot()
     per = df.groupby(["budget_index", "label"], as_index=False).agg(val_loss=("val_loss", "mean"), flops=("flops", "mean"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     sns.lineplot(data=per, x="flops", y="val_loss", hue="label", marker="o", ax=ax)
@@ -75,7 +75,7 @@ def frontier(df: pd.DataFrame, path: Path) -> None:
 
 
 def waterfall(df: pd.DataFrame, path: Path) -> None:
-    plt, sns = _plt()
+    plt, sns = pyplot()
     order = df.sort_values("entry_index")["label"].drop_duplicates().tolist()
     fig, ax = plt.subplots(figsize=(10, 0.6 * len(order) + 1.8))
     sns.pointplot(data=df, y="label", x="val_loss", hue="matching", order=order, errorbar=_t_interval,
@@ -89,7 +89,7 @@ def waterfall(df: pd.DataFrame, path: Path) -> None:
 
 
 def growth(curves: pd.DataFrame, path: Path) -> None:
-    plt, sns = _plt()
+    plt, sns = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     sns.lineplot(data=curves, x="cumulative_flops", y="val_loss", hue="label", errorbar=None, ax=ax)
     grown = curves.dropna(subset=["grown_at"])
@@ -119,7 +119,7 @@ def lr_sweeps(choice: dict, path: Path) -> bool:
                 chosen.append({"entry": label, "lr": pick["lr"], "val_loss": pick["val_loss"]})
     if not rows:
         return False
-    plt, sns = _plt()
+    plt, sns = pyplot()
     df = pd.DataFrame(rows)
     n = df["entry"].nunique()
     g = sns.relplot(data=df, x="lr", y="val_loss", hue="budget", col="entry", col_wrap=min(4, n), kind="line",

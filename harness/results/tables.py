@@ -21,7 +21,7 @@ from .load import Run, Store, no_better_than_start, start_loss
 REFERENCE_MODEL = "tokenformer"
 
 
-def _mean(values) -> float:
+def finite_mean(values) -> float:
     xs = [v for v in values if v is not None and math.isfinite(v)]
     return sum(xs) / len(xs) if xs else float("nan")
 
@@ -150,13 +150,13 @@ def matched_compute_section(store: Store, matrix: str) -> tuple[list[str], list[
         group = [r for r in rows if r.budget == budget]
         ref = next((r.label for r in group if r.vs is None), "-")
         table = []
-        for row in sorted(group, key=lambda r: _mean([x.val_loss for x in r.runs])):
+        for row in sorted(group, key=lambda r: finite_mean([x.val_loss for x in r.runs])):
             first = row.runs[0]
             table.append({"model": row.label, **_summary_columns(store, row.runs),
                           **{k if k != "verdict" else f"verdict vs {ref}": v for k, v in stat_columns(row).items()},
                           "params": human(first.params), "non-emb": human(first.non_embedding_params),
-                          "tokens": human(_mean([r.tokens for r in row.runs])),
-                          "train FLOPs": human(_mean([r.flops for r in row.runs]))})
+                          "tokens": human(finite_mean([r.tokens for r in row.runs])),
+                          "train FLOPs": human(finite_mean([r.flops for r in row.runs]))})
         lines += [f"### {matrix} — {budget} ({group[0].matching})", "", pd.DataFrame(table).to_markdown(index=False), ""]
     return lines, rows
 
@@ -191,7 +191,7 @@ def waterfall_section(store: Store, matrix: str) -> tuple[list[str], list[Row]]:
             table.append({"rung": row.label + shared, "vs": row.vs or "-", **_summary_columns(store, row.runs),
                           **stat_columns(row), "params": human(first.params), "non-emb": human(first.non_embedding_params),
                           "FLOPs/token": human(first.flops_per_token),
-                          "tokens/s": f"{_mean([r.tokens_per_s for r in row.runs]):,.0f}"})
+                          "tokens/s": f"{finite_mean([r.tokens_per_s for r in row.runs]):,.0f}"})
         lines += [f"### {matrix} — {budget} ({matching})", "", pd.DataFrame(table).to_markdown(index=False), ""]
     return lines, rows
 

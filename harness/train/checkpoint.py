@@ -152,10 +152,11 @@ def _fsync(path: Path) -> None:
 
 def _complete(path: Path) -> bool:
     """Every file present and state.json parseable (it is written last)."""
-    return _step(path) is not None
+    return complete_step(path) is not None
 
 
-def _step(path: Path) -> int | None:
+def complete_step(path: Path) -> int | None:
+    """The step of the complete checkpoint at ``path`` (every file present, state.json readable), else None."""
     if not (path.is_dir() and all((path / f).is_file() for f in FILES)):
         return None
     try:
@@ -170,10 +171,10 @@ def recover(path: str | Path) -> Path | None:
     Returns the checkpoint directory, or None when there is no complete checkpoint."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    current = _step(path)
+    current = complete_step(path)
     # the newest complete one of the three wins (a complete .tmp beside an older checkpoint: killed after
     # the new save finished and before the renames)
-    best = max(((s, c) for c, s in ((tmp, _step(tmp)), (old, _step(old)), (path, current)) if s is not None),
+    best = max(((s, c) for c, s in ((tmp, complete_step(tmp)), (old, complete_step(old)), (path, current)) if s is not None),
                key=lambda sc: sc[0], default=None)
     if best is not None and best[1] != path:
         older = path.with_name(path.name + ".older")
@@ -183,7 +184,7 @@ def recover(path: str | Path) -> Path | None:
             shutil.rmtree(path, ignore_errors=True)  # an incomplete one
         os.replace(best[1], path)
         shutil.rmtree(older, ignore_errors=True)
-    if _step(path) is not None:
+    if complete_step(path) is not None:
         for leftover in (tmp, old):
             shutil.rmtree(leftover, ignore_errors=True)
         return path
