@@ -205,10 +205,7 @@ class KVCache(DecodeCache):
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.max_len = max_len
-        self.pos = 0
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        self.pos = 0  # nbytes(): DecodeCache's, over k and v
 
 
 class CausalSelfAttention(nn.Module):

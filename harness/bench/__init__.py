@@ -40,7 +40,7 @@ one in a test, patch the module that looks it up: ``harness.bench.phases.train_s
 from __future__ import annotations
 
 from ..runtime import autocast, device_name, environment  # shared with the training loop
-from .memory import MemoryMeter, cache_nbytes, is_oom, release_memory, rss_bytes, saved_activation_bytes
+from .memory import MemoryMeter, is_oom, release_memory, rss_bytes, saved_activation_bytes
 from .phases import (bench_row, decode_phase, decode_step, make_loss_fn, prefill_phase, prefill_step, train_phase,
                      train_step)
 from .run import BenchResult, cli, run_bench
@@ -54,7 +54,7 @@ _SDPA_NAMES = SDPA_NAMES  # the name tests/gpu/test_fast_paths.py reads
 
 __all__ = [
     "autocast",
-    "MemoryMeter", "cache_nbytes", "is_oom", "release_memory", "rss_bytes", "saved_activation_bytes",
+    "MemoryMeter", "is_oom", "release_memory", "rss_bytes", "saved_activation_bytes",
     "bench_row", "decode_phase", "decode_step", "make_loss_fn", "prefill_phase", "prefill_step", "train_phase",
     "train_step",
     "BenchResult", "cli", "run_bench",

@@ -1,6 +1,6 @@
 """Memory: the peak of a phase (CUDA allocator statistics, or the CPU resident set sampled by a thread), freeing
-memory between phases, telling an out-of-memory error apart, the bytes autograd saves for backward, and a
-decoding cache's bytes."""
+memory between phases, telling an out-of-memory error apart, and the bytes autograd saves for backward (a
+decoding cache's bytes are its own: models.base.DecodeCache.nbytes)."""
 from __future__ import annotations
 
 import contextlib
@@ -158,7 +158,3 @@ def saved_activation_bytes(model, loss_fn, inputs, targets, amp_dtype) -> dict[s
     return {"saved_activation_bytes": sum(n for n, _ in seen.values()),
             "pattention_saved_bytes": sum(n for n, inside in seen.values() if inside)}
 
-
-def cache_nbytes(cache) -> int:
-    """Bytes held by a decoding cache (models.base.DecodeCache.nbytes: KV buffers, or conv + SSM state)."""
-    return int(cache.nbytes())

@@ -13,7 +13,7 @@ from models import registry
 
 from ..model_config import resolve_model_config
 from ..runtime import autocast, device_name  # the training loop's autocast: bench times what the loop runs
-from .memory import MemoryMeter, cache_nbytes, is_oom, release_memory, saved_activation_bytes
+from .memory import MemoryMeter, is_oom, release_memory, saved_activation_bytes
 from .spec import BenchSpec
 from .timing import attention_backend, sdpa_context, throughput, time_repeats
 
@@ -245,7 +245,7 @@ def _inference_into(row: dict[str, Any], spec: BenchSpec, model, seq_len: int, b
     with torch.inference_mode():
         try:
             cache = model.allocate_cache(1, seq_len)
-            row.update(cache_bytes_per_seq=cache_nbytes(cache), cache_kind=type(cache).__name__,
+            row.update(cache_bytes_per_seq=cache.nbytes(), cache_kind=type(cache).__name__,
                        cache_len=seq_len)
             cache = None
         except Exception as e:  # noqa: BLE001 - recorded in the row
@@ -262,6 +262,7 @@ def _inference_into(row: dict[str, Any], spec: BenchSpec, model, seq_len: int, b
             except Exception as e:  # noqa: BLE001
                 row["decode"][str(db)] = {"batch": db, "status": _failed(row, f"decode_b{db}", e)}
             release_memory(device, collect=bool(row["errors"]))
-        if "scan" in model.backends_ran():
-            row["decode_scan_backend"] = model.backends_ran()["scan"]
+        ran = model.backends_ran()
+        if "scan" in ran:
+            row["decode_scan_backend"] = ran["scan"]
     row["inference_peak_memory_bytes"] = meter.peak()

@@ -105,7 +105,7 @@ def test_decode_goes_through_the_cache_api(tmp_path, fast_peak, monkeypatch):
     cache = model.allocate_cache(1, 16)
     assert isinstance(cache, SSMCache)
     expected = sum(t.numel() * t.element_size() for t in cache.conv_states + cache.ssm_states)
-    assert mamba["cache_bytes_per_seq"] == expected == bench.cache_nbytes(cache)
+    assert mamba["cache_bytes_per_seq"] == expected == cache.nbytes()
     assert mamba["cache_kind"] == "SSMCache"
     assert "scan torch_reference" in (tmp_path / "bench.md").read_text()
 
