@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from models.mamba import ARCH, MambaConfig, MambaLM
 from models.mamba2 import MAMBA2_ARCH, Mamba2Config, Mamba2LM
 from models.ops import dispatch, selective_scan, ssd
+from tests.models.test_published_counts import mamba1_inventory, mamba2_inventory, shapes
 
 # python files only, never another torch (--no-deps); FORCE_BUILD skips its attempt to download a CUDA wheel
 _MAMBA_SSM_CPU_INSTALL = (
@@ -248,58 +249,11 @@ def test_scan_chunk_size_does_not_change_the_model():
 # ==========================================================================================================
 # 2. layout and init
 # ==========================================================================================================
-def _expected_mamba1(d=64, n_layer=2, vocab=504, n=16, w=4):
-    """mamba-ssm MambaLMHeadModel(d_model=64, n_layer=2, vocab_size=500 -> padded 504) state_dict."""
-    e, r = 2 * d, math.ceil(d / 16)
-    keys = {"backbone.embedding.weight": (vocab, d)}
-    for i in range(n_layer):
-        p = f"backbone.layers.{i}."
-        keys.update({  # state_dict order: block.norm, then the mixer's own parameters, then its submodules
-            p + "norm.weight": (d,),
-            p + "mixer.A_log": (e, n),
-            p + "mixer.D": (e,),
-            p + "mixer.in_proj.weight": (2 * e, d),
-            p + "mixer.conv1d.weight": (e, 1, w),
-            p + "mixer.conv1d.bias": (e,),
-            p + "mixer.x_proj.weight": (r + 2 * n, e),
-            p + "mixer.dt_proj.weight": (e, r),
-            p + "mixer.dt_proj.bias": (e,),
-            p + "mixer.out_proj.weight": (d, e),
-        })
-    keys.update({"backbone.norm_f.weight": (d,), "lm_head.weight": (vocab, d)})
-    return keys
-
-
-def _expected_mamba2(d=64, n_layer=2, vocab=512, n=16, headdim=16, ngroups=1, w=4):
-    """mamba-ssm MambaLMHeadModel(ssm_cfg={"layer": "Mamba2", ...}, vocab 500 -> padded 512) state_dict."""
-    e = 2 * d
-    h, conv_dim = e // headdim, e + 2 * ngroups * n
-    keys = {"backbone.embedding.weight": (vocab, d)}
-    for i in range(n_layer):
-        p = f"backbone.layers.{i}."
-        keys.update({
-            p + "norm.weight": (d,),
-            p + "mixer.dt_bias": (h,),
-            p + "mixer.A_log": (h,),
-            p + "mixer.D": (h,),
-            p + "mixer.in_proj.weight": (2 * e + 2 * ngroups * n + h, d),
-            p + "mixer.conv1d.weight": (conv_dim, 1, w),
-            p + "mixer.conv1d.bias": (conv_dim,),
-            p + "mixer.norm.weight": (e,),
-            p + "mixer.out_proj.weight": (d, e),
-        })
-    keys.update({"backbone.norm_f.weight": (d,), "lm_head.weight": (vocab, d)})
-    return keys
-
-
-def _layout(model):
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
 def test_mamba1_state_dict_layout_is_mamba_ssm():
     model = MambaLM(MambaConfig(d_model=64, n_layer=2, vocab_size=500))
-    assert _layout(model) == _expected_mamba1()
-    assert list(model.state_dict()) == list(_expected_mamba1())  # same order too
+    expected = mamba1_inventory(64, 2, vocab=500, pad=8)  # 500 padded to 504
+    assert shapes(model) == expected
+    assert list(model.state_dict()) == list(expected)  # same order too
     assert model.lm_head.weight is model.backbone.embedding.weight  # tied
     assert model.embedding_parameters() == [model.backbone.embedding.weight]
     assert model(torch.randint(0, 500, (1, 9))).shape == (1, 9, 500)  # padding rows are never scored
@@ -307,8 +261,9 @@ def test_mamba1_state_dict_layout_is_mamba_ssm():
 
 def test_mamba2_state_dict_layout_is_mamba_ssm():
     model = Mamba2LM(Mamba2Config(d_model=64, n_layer=2, vocab_size=500, d_state=16, headdim=16, chunk_size=8))
-    assert _layout(model) == _expected_mamba2()
-    assert list(model.state_dict()) == list(_expected_mamba2())
+    expected = mamba2_inventory(64, 2, vocab=500, pad=16, d_state=16, headdim=16)  # 500 padded to 512
+    assert shapes(model) == expected
+    assert list(model.state_dict()) == list(expected)
     assert model.lm_head.weight is model.backbone.embedding.weight
 
 
@@ -581,7 +536,7 @@ def test_whole_mamba1_lm_matches_mamba_ssm(mamba_ssm_cpu, monkeypatch):
     monkeypatch.setattr(mamba_simple, "causal_conv1d_fn", None)  # -> its nn.Conv1d path
     monkeypatch.setattr(mamba_simple, "selective_scan_fn", mamba_ssm_cpu.ssi.selective_scan_ref)
     ours = MambaLM(MambaConfig(d_model=64, n_layer=2, vocab_size=500)).eval()
-    assert list(_layout(ours).items()) == [(k, tuple(v.shape)) for k, v in theirs.state_dict().items()]
+    assert list(shapes(ours).items()) == [(k, tuple(v.shape)) for k, v in theirs.state_dict().items()]
     ours.load_state_dict(theirs.state_dict())  # strict: same names, same shapes
     x = torch.randint(0, 500, (2, 77))
     with torch.no_grad():
@@ -595,7 +550,7 @@ def test_whole_mamba2_lm_matches_mamba_ssm(mamba_ssm_cpu):
     assert mamba2_mod.mamba_chunk_scan_combined is mamba_ssm_cpu.chunk_scan
     assert mamba2_mod.causal_conv1d_fn is None
     ours = Mamba2LM(Mamba2Config(d_model=64, n_layer=2, vocab_size=500, d_state=16, headdim=16, chunk_size=16)).eval()
-    assert list(_layout(ours).items()) == [(k, tuple(v.shape)) for k, v in theirs.state_dict().items()]
+    assert list(shapes(ours).items()) == [(k, tuple(v.shape)) for k, v in theirs.state_dict().items()]
     ours.load_state_dict(theirs.state_dict())
     x = torch.randint(0, 500, (2, 40))
     with torch.no_grad():

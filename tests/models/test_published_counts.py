@@ -81,7 +81,7 @@ def _padded(vocab: int, multiple: int) -> int:
     return -(-vocab // multiple) * multiple
 
 
-def mamba1_inventory(d_model: int, n_layer: int, vocab: int = 50277, pad: int = 8) -> dict[str, tuple]:
+def mamba1_inventory(d_model: int, n_layer: int, vocab: int = 50277, pad: int = 8, d_state: int = 16) -> dict[str, tuple]:
     """Every tensor of mamba-ssm's MambaLMHeadModel with the Mamba mixer, as mamba_ssm/modules/mamba_simple.py
     defines it at the first release (state-spaces/mamba 33dc96c, 2023-12-04; defaults d_state=16, d_conv=4,
     expand=2, dt_rank="auto" = ceil(d_model / 16), conv_bias=True, bias=False):
@@ -89,13 +89,15 @@ def mamba1_inventory(d_model: int, n_layer: int, vocab: int = 50277, pad: int = 
       x_proj   = Linear(E, R + 2N, bias=False)    dt_proj = Linear(R, E, bias=True)
       A_log (E, N), D (E,)                        out_proj = Linear(E, d, bias=False)
     Block.norm and MixerModel.norm_f are mamba-ssm's RMSNorm (weight only); lm_head is tied to the embedding
-    (mixer_seq_simple.py: tie_weights)."""
-    E, N, W, R = 2 * d_model, 16, 4, math.ceil(d_model / 16)
+    (mixer_seq_simple.py: tie_weights). In state_dict order: a block's norm, then the mixer's own parameters,
+    then its submodules' (tests/models/test_mamba.py checks the order on a small config)."""
+    E, N, W, R = 2 * d_model, d_state, 4, math.ceil(d_model / 16)
     V = _padded(vocab, pad)
     inv = {"backbone.embedding.weight": (V, d_model)}
     for i in range(n_layer):
         p = f"backbone.layers.{i}."
         inv.update({
+            p + "norm.weight": (d_model,),
             p + "mixer.A_log": (E, N),
             p + "mixer.D": (E,),
             p + "mixer.in_proj.weight": (2 * E, d_model),
@@ -105,14 +107,14 @@ def mamba1_inventory(d_model: int, n_layer: int, vocab: int = 50277, pad: int = 
             p + "mixer.dt_proj.weight": (E, R),
             p + "mixer.dt_proj.bias": (E,),
             p + "mixer.out_proj.weight": (d_model, E),
-            p + "norm.weight": (d_model,),
         })
     inv["backbone.norm_f.weight"] = (d_model,)
     inv["lm_head.weight"] = (V, d_model)
     return inv
 
 
-def mamba2_inventory(d_model: int, n_layer: int, vocab: int = 50277, pad: int = 16) -> dict[str, tuple]:
+def mamba2_inventory(d_model: int, n_layer: int, vocab: int = 50277, pad: int = 16, d_state: int = 128,
+                     headdim: int = 64, ngroups: int = 1) -> dict[str, tuple]:
     """The same for the Mamba2 mixer, mamba_ssm/modules/mamba2.py at the Mamba-2 release (state-spaces/mamba
     60dadf2, 2024-06-02; defaults d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1, D_has_hdim=False,
     rmsnorm=True, bias=False, conv_bias=True):
@@ -120,15 +122,17 @@ def mamba2_inventory(d_model: int, n_layer: int, vocab: int = 50277, pad: int = 
       conv_dim  = E + 2GN                                        conv1d = Conv1d(conv_dim, conv_dim, k=4, groups=conv_dim)
       dt_bias (H,), A_log (H,), D (H,)                           norm = RMSNormGated(E) (weight only)
       out_proj = Linear(E, d, bias=False)
-    d_intermediate=0 gives the Block no MLP (mlp_cls = nn.Identity -> self.mlp = None)."""
-    E, N, G, W = 2 * d_model, 128, 1, 4
-    H = E // 64
+    d_intermediate=0 gives the Block no MLP (mlp_cls = nn.Identity -> self.mlp = None). State_dict order,
+    as mamba1_inventory."""
+    E, N, G, W = 2 * d_model, d_state, ngroups, 4
+    H = E // headdim
     conv_dim = E + 2 * G * N
     V = _padded(vocab, pad)
     inv = {"backbone.embedding.weight": (V, d_model)}
     for i in range(n_layer):
         p = f"backbone.layers.{i}."
         inv.update({
+            p + "norm.weight": (d_model,),
             p + "mixer.dt_bias": (H,),
             p + "mixer.A_log": (H,),
             p + "mixer.D": (H,),
@@ -137,14 +141,13 @@ def mamba2_inventory(d_model: int, n_layer: int, vocab: int = 50277, pad: int = 
             p + "mixer.conv1d.bias": (conv_dim,),
             p + "mixer.norm.weight": (E,),
             p + "mixer.out_proj.weight": (d_model, E),
-            p + "norm.weight": (d_model,),
         })
     inv["backbone.norm_f.weight"] = (d_model,)
     inv["lm_head.weight"] = (V, d_model)
     return inv
 
 
-def _shapes(model) -> dict[str, tuple]:
+def shapes(model) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -154,7 +157,7 @@ def _shapes(model) -> dict[str, tuple]:
 ))
 def test_mamba_presets_hold_the_released_tensors(name, preset, inventory):
     model = registry.build(name, preset, device="meta")
-    assert _shapes(model) == inventory
+    assert shapes(model) == inventory
     tied = numel(inventory["lm_head.weight"])  # the head is the embedding: stored (and counted) once
     assert model.counted_params() == sum(numel(s) for s in inventory.values()) - tied
 
@@ -311,7 +314,7 @@ CHECKPOINT_OVERHEAD = 1e6
 
 
 @pytest.mark.parametrize("preset", list(TOKENFORMER_MODEL_CARD))
-def test_tokenformer_presets_are_the_model_card_shapes(preset):
+def test_tokenformer_presets_are_the_model_cardshapes(preset):
     cfg = registry.get_config("tokenformer", preset)
     assert (cfg.n_layers, cfg.qkv_tokens, cfg.proj_tokens, cfg.ffn_hidden, cfg.d_model, cfg.n_heads) \
         == TOKENFORMER_MODEL_CARD[preset]
